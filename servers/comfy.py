@@ -1,0 +1,376 @@
+"""
+An asyncio client for one ComfyUI server: HTTP through httpx, the event stream through websockets.
+
+No ORM here. Every error is a ComfyError whose `permanent` flag tells the caller whether trying again can help:
+ComfyRejected (the server said no: a 400 with ComfyUI's error shape, a 404) is permanent; ComfyUnavailable
+(refused connection, timeout, 5xx, a reply we could not read) is not.
+"""
+
+import json
+import logging
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import websockets
+from websockets.asyncio.client import connect as ws_connect
+
+logger = logging.getLogger(__name__)
+
+
+class ComfyError(Exception):
+    permanent = False
+
+    def __init__(self, message, *, status=None, payload=None, sent=True):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.payload = payload
+        # False only when the request certainly never reached the server (connection refused).
+        self.sent = sent
+
+
+class ComfyUnavailable(ComfyError):
+    """The server could not be reached or did not answer sensibly: worth retrying."""
+
+    permanent = False
+
+
+class ComfyRejected(ComfyError):
+    """The server refused the request: retrying the same request gives the same answer."""
+
+    permanent = True
+
+    @property
+    def error(self):
+        return (self.payload or {}).get("error") or {}
+
+    @property
+    def node_errors(self):
+        return (self.payload or {}).get("node_errors") or {}
+
+
+# --- messages -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Message:
+    type: str
+    data: dict = field(default_factory=dict)
+
+    @property
+    def prompt_id(self):
+        value = self.data.get("prompt_id")
+        return str(value) if value is not None else None
+
+
+@dataclass(frozen=True)
+class Binary:
+    """A binary frame: an image from SaveImageWebsocket or a sampler preview."""
+
+    event: int
+    image: bytes
+    image_type: str
+    metadata: dict = field(default_factory=dict)
+    type: str = "binary"
+
+    @property
+    def prompt_id(self):
+        value = self.metadata.get("prompt_id")
+        return str(value) if value is not None else None
+
+
+TERMINAL_TYPES = frozenset({"execution_success", "execution_error", "execution_interrupted"})
+_IMAGE_FORMATS = {1: "image/jpeg", 2: "image/png"}
+
+
+def parse_frame(frame) -> Message | Binary:
+    """Turn one websocket frame into a message. Never raises: junk becomes a Message of type 'malformed'."""
+    if isinstance(frame, bytes | bytearray | memoryview):
+        return _parse_binary(bytes(frame))
+    try:
+        obj = json.loads(frame)
+    except (TypeError, ValueError):
+        return Message("malformed", {"reason": "not JSON"})
+    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+        return Message("malformed", {"reason": "no type"})
+    data = obj.get("data")
+    if not isinstance(data, dict):
+        return Message("malformed", {"reason": f"{obj['type']} without a data object"})
+    return Message(obj["type"], data)
+
+
+def _parse_binary(frame):
+    if len(frame) < 8:
+        return Message("malformed", {"reason": "short binary frame"})
+    (event,) = struct.unpack(">I", frame[:4])
+    if event == 1:
+        (fmt,) = struct.unpack(">I", frame[4:8])
+        return Binary(event, frame[8:], _IMAGE_FORMATS.get(fmt, "application/octet-stream"))
+    if event == 4:
+        (length,) = struct.unpack(">I", frame[4:8])
+        try:
+            metadata = json.loads(frame[8 : 8 + length])
+        except ValueError:
+            return Message("malformed", {"reason": "bad preview metadata"})
+        if not isinstance(metadata, dict):
+            return Message("malformed", {"reason": "bad preview metadata"})
+        return Binary(event, frame[8 + length :], str(metadata.get("image_type", "image/png")), metadata)
+    return Binary(event, frame[8:], "application/octet-stream")
+
+
+# --- replies --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    running: list[str]
+    pending: list[str]
+
+    def where(self, prompt_id):
+        if prompt_id in self.running:
+            return "running"
+        if prompt_id in self.pending:
+            return "pending"
+        return None
+
+    def __len__(self):
+        return len(self.running) + len(self.pending)
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    node_id: str
+    filename: str
+    subfolder: str
+    type: str
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    prompt_id: str
+    status_str: str
+    completed: bool
+    messages: list
+    outputs: dict
+
+    @classmethod
+    def parse(cls, prompt_id, raw):
+        if not isinstance(raw, dict):
+            raise ComfyUnavailable(f"history entry for {prompt_id} is not an object")
+        status = raw.get("status") or {}
+        messages = [m for m in status.get("messages") or [] if isinstance(m, list | tuple) and len(m) == 2]
+        return cls(
+            prompt_id=prompt_id,
+            status_str=str(status.get("status_str") or ""),
+            completed=bool(status.get("completed")),
+            messages=messages,
+            outputs=raw.get("outputs") if isinstance(raw.get("outputs"), dict) else {},
+        )
+
+    def last(self, kind):
+        for name, data in reversed(self.messages):
+            if name == kind and isinstance(data, dict):
+                return data
+        return None
+
+    @property
+    def succeeded(self):
+        return self.status_str == "success" or (self.completed and self.last("execution_error") is None)
+
+    @property
+    def interrupted(self):
+        return self.last("execution_interrupted") is not None
+
+    @property
+    def error(self):
+        return self.last("execution_error")
+
+    def files(self):
+        """Every file an output node produced, whatever the key ("images", "gifs", ...)."""
+        found = []
+        for node_id, output in self.outputs.items():
+            if not isinstance(output, dict):
+                continue
+            for items in output.values():
+                if not isinstance(items, list):
+                    continue
+                for item in items:
+                    if isinstance(item, dict) and isinstance(item.get("filename"), str):
+                        found.append(
+                            OutputFile(
+                                str(node_id),
+                                item["filename"],
+                                str(item.get("subfolder") or ""),
+                                str(item.get("type") or "output"),
+                            )
+                        )
+        return found
+
+
+@dataclass(frozen=True)
+class Submitted:
+    prompt_id: str
+    number: Any
+    node_errors: dict
+
+
+# --- the client -----------------------------------------------------------------------------------------
+
+
+class ComfyClient:
+    def __init__(self, base_url, *, timeout=30.0, transport=None):
+        self.base_url = base_url.rstrip("/")
+        self.http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, transport=transport)
+
+    async def close(self):
+        await self.http.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def _request(self, method, path, **kwargs):
+        try:
+            reply = await self.http.request(method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            raise ComfyUnavailable(f"cannot connect for {method} {path}: {exc}", sent=False) from exc
+        except httpx.TimeoutException as exc:
+            raise ComfyUnavailable(f"{method} {path} timed out", sent=not isinstance(exc, httpx.ConnectTimeout)) from exc
+        except httpx.HTTPError as exc:
+            raise ComfyUnavailable(f"{method} {path} failed: {exc.__class__.__name__}: {exc}") from exc
+        if reply.status_code >= 500:
+            raise ComfyUnavailable(f"{method} {path} answered {reply.status_code}", status=reply.status_code)
+        if reply.status_code >= 400:
+            try:
+                payload = reply.json()
+            except ValueError:
+                payload = {"error": {"message": reply.text[:500]}}
+            message = ((payload.get("error") or {}) if isinstance(payload, dict) else {}).get("message")
+            raise ComfyRejected(
+                message or f"{method} {path} answered {reply.status_code}",
+                status=reply.status_code,
+                payload=payload if isinstance(payload, dict) else {},
+            )
+        return reply
+
+    async def _json(self, method, path, **kwargs):
+        reply = await self._request(method, path, **kwargs)
+        try:
+            return reply.json()
+        except ValueError as exc:
+            raise ComfyUnavailable(f"{method} {path} did not answer JSON") from exc
+
+    async def submit(self, graph, prompt_id, client_id, extra_data=None) -> Submitted:
+        body = {"prompt": graph, "prompt_id": prompt_id, "client_id": client_id}
+        if extra_data:
+            body["extra_data"] = extra_data
+        reply = await self._json("POST", "/prompt", json=body)
+        if not isinstance(reply, dict) or str(reply.get("prompt_id")) != prompt_id:
+            raise ComfyUnavailable(f"/prompt answered an unexpected body for {prompt_id}")
+        return Submitted(prompt_id, reply.get("number"), reply.get("node_errors") or {})
+
+    async def queue(self) -> QueueSnapshot:
+        reply = await self._json("GET", "/queue")
+
+        def ids(items):
+            return [str(item[1]) for item in items or [] if isinstance(item, list) and len(item) > 1]
+
+        if not isinstance(reply, dict):
+            raise ComfyUnavailable("/queue did not answer an object")
+        return QueueSnapshot(ids(reply.get("queue_running")), ids(reply.get("queue_pending")))
+
+    async def history(self, prompt_id) -> HistoryEntry | None:
+        reply = await self._json("GET", f"/history/{prompt_id}")
+        if not isinstance(reply, dict):
+            raise ComfyUnavailable(f"/history/{prompt_id} did not answer an object")
+        if prompt_id not in reply:
+            return None
+        return HistoryEntry.parse(prompt_id, reply[prompt_id])
+
+    async def delete_from_queue(self, prompt_ids):
+        await self._request("POST", "/queue", json={"delete": list(prompt_ids)})
+
+    async def interrupt(self, prompt_id=None):
+        await self._request("POST", "/interrupt", json={"prompt_id": prompt_id} if prompt_id else None)
+
+    async def upload_image(self, data, name, *, overwrite=True) -> str:
+        files = {"image": (name, data, "application/octet-stream")}
+        form = {"type": "input", "overwrite": "true" if overwrite else "false"}
+        reply = await self._json("POST", "/upload/image", files=files, data=form)
+        if not isinstance(reply, dict) or not reply.get("name"):
+            raise ComfyUnavailable("/upload/image answered no name")
+        subfolder = reply.get("subfolder") or ""
+        return f"{subfolder}/{reply['name']}" if subfolder else reply["name"]
+
+    async def view(self, output: OutputFile, *, max_bytes) -> tuple[bytes, str]:
+        """Download one output file, refusing anything larger than max_bytes or shorter than announced."""
+        params = {"filename": output.filename, "subfolder": output.subfolder, "type": output.type}
+        try:
+            async with self.http.stream("GET", "/view", params=params) as reply:
+                if reply.status_code == 404:
+                    raise ComfyRejected(f"{output.filename} is not on the server", status=404)
+                if reply.status_code >= 400:
+                    error = ComfyRejected if reply.status_code < 500 else ComfyUnavailable
+                    raise error(f"/view {output.filename} answered {reply.status_code}", status=reply.status_code)
+                announced = reply.headers.get("content-length")
+                if announced is not None and int(announced) > max_bytes:
+                    raise ComfyRejected(f"{output.filename} is {announced} bytes, over the limit of {max_bytes}")
+                chunks, size = [], 0
+                async for chunk in reply.aiter_bytes():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise ComfyRejected(f"{output.filename} is over the limit of {max_bytes} bytes")
+                    chunks.append(chunk)
+                if announced is not None and size != int(announced):
+                    raise ComfyUnavailable(f"{output.filename}: got {size} of {announced} bytes")
+                content_type = reply.headers.get("content-type", "application/octet-stream").split(";")[0]
+                return b"".join(chunks), content_type
+        except httpx.HTTPError as exc:
+            raise ComfyUnavailable(f"/view {output.filename} failed: {exc.__class__.__name__}") from exc
+
+    async def system_stats(self):
+        return await self._json("GET", "/system_stats")
+
+    async def object_info(self):
+        return await self._json("GET", "/object_info")
+
+    @asynccontextmanager
+    async def events(self, client_id, *, open_timeout=10) -> AsyncIterator["EventStream"]:
+        """
+        Open the websocket as `client_id`. Leaving the block closes it and waits for the close to finish, which
+        matters: ComfyUI orphans a new socket whose clientId is still held by an old one (protocol §2.6).
+        """
+        url = self.base_url.replace("http", "ws", 1) + f"/ws?clientId={client_id}"
+        try:
+            socket = await ws_connect(url, max_size=None, open_timeout=open_timeout, ping_interval=20)
+        except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+            raise ComfyUnavailable(f"websocket connect failed: {exc.__class__.__name__}: {exc}") from exc
+        try:
+            await socket.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+            yield EventStream(socket)
+        finally:
+            await socket.close()
+            await socket.wait_closed()
+
+
+class EventStream:
+    def __init__(self, socket):
+        self.socket = socket
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            frame = await self.socket.recv()
+        except websockets.ConnectionClosedOK:
+            raise StopAsyncIteration from None
+        except (websockets.WebSocketException, OSError) as exc:
+            raise ComfyUnavailable(f"websocket lost: {exc.__class__.__name__}: {exc}") from exc
+        return parse_frame(frame)

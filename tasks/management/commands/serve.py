@@ -1,0 +1,84 @@
+# daphne.server installs Twisted's asyncio reactor when imported: it must come before anything imports Twisted.
+import daphne.server  # noqa: I001  isort:skip
+
+import asyncio
+import logging
+
+from channels.routing import get_default_application
+from daphne.endpoints import build_endpoint_description_strings
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+from django.core.management import call_command
+from django.core.management.base import BaseCommand
+
+from servers.models import Server
+from servers.upstream import Supervisor
+from tasks.workflows import load_demo_workflows
+
+logger = logging.getLogger(__name__)
+
+DEMO_USER, DEMO_PASSWORD = "demo", "demo-password"
+
+
+class Command(BaseCommand):
+    help = (
+        "Run the embedded all-in-one hub: migrate, then Daphne with the upstream supervisor in the same process. "
+        "--demo also starts two ComfyUI simulators, loads the demo workflows and creates a demo user."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--demo", action="store_true", help="Start two simulated ComfyUI servers and a demo user")
+        parser.add_argument(
+            "--time-scale", type=float, default=1.0, help="Simulator node duration factor (1 looks real)"
+        )
+        parser.add_argument("--no-supervisor", action="store_true", help="Serve only (run_upstream runs elsewhere)")
+
+    def handle(self, host, port, demo, time_scale, no_supervisor, **options):
+        call_command("migrate", interactive=False, verbosity=0)
+        simulators = []
+        if demo or not Server.objects.exists():
+            if not demo:
+                self.stdout.write("No ComfyUI server is configured: starting two simulated ones (see add_server).")
+            simulators = self.start_demo(time_scale)
+        application = ASGIStaticFilesHandler(get_default_application())
+        supervisor = None if no_supervisor else Supervisor()
+
+        def ready():
+            if supervisor is not None:
+                # Daphne has made the reactor's asyncio loop current: the supervisor shares it with the consumers,
+                # which the in-memory channel layer needs.
+                asyncio.get_event_loop().create_task(supervisor.run())
+            self.stdout.write(f"comfyhub is running on http://{host}:{port}/  (Ctrl-C stops it)")
+
+        server = daphne.server.Server(
+            application=application,
+            endpoints=build_endpoint_description_strings(host=host, port=port),
+            ready_callable=ready,
+        )
+        try:
+            server.run()
+        finally:
+            for simulator in simulators:
+                simulator.stop()
+
+    def start_demo(self, time_scale):
+        from servers.simulator import SimulatorThread
+
+        simulators = []
+        for index in (1, 2):
+            output = settings.BASE_DIR / "var" / f"simulator-{index}"
+            simulator = SimulatorThread(time_scale=time_scale, output_dir=output, name=f"sim-{index}").start()
+            simulators.append(simulator)
+            call_command("add_server", f"sim-{index}", simulator.url, verbosity=0, stdout=self.stdout)
+        for workflow in load_demo_workflows():
+            logger.info("demo workflow %s loaded", workflow.slug)
+        user = get_user_model().objects.filter(username=DEMO_USER).first()
+        if user is None:
+            user = get_user_model().objects.create_user(DEMO_USER, password=DEMO_PASSWORD)
+            self.stdout.write(f"Created the demo user: log in as {DEMO_USER} / {DEMO_PASSWORD}")
+        else:
+            self.stdout.write(f"Log in as {DEMO_USER} (password {DEMO_PASSWORD} unless you changed it)")
+        return simulators

@@ -1,0 +1,421 @@
+import hashlib
+import secrets
+import uuid
+
+from django.conf import settings
+from django.db import models, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from servers.models import Server
+
+
+class Workflow(models.Model):
+    """A ComfyUI graph in API format with the parameters a user may set."""
+
+    slug = models.SlugField(max_length=80, unique=True)
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    graph = models.JSONField(help_text="The graph in ComfyUI's API format.")
+    parameters = models.JSONField(default=list, blank=True, help_text="See the README: workflow file format.")
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class TaskStatus(models.TextChoices):
+    QUEUED = "queued", "queued"
+    """Waiting in the hub for a server."""
+    SUBMITTED = "submitted", "submitted"
+    """Bound to a server and prompt_id; sent (or being sent) to its queue."""
+    RUNNING = "running", "running"
+    """The server has started executing it."""
+    SUCCEEDED = "succeeded", "succeeded"
+    """Finished and every output is in hub storage."""
+    FAILED = "failed", "failed"
+    """Finished with an error stored on the task."""
+    CANCELLED = "cancelled", "cancelled"
+    """Stopped at a user's request."""
+
+
+ACTIVE_STATUSES = (TaskStatus.QUEUED, TaskStatus.SUBMITTED, TaskStatus.RUNNING)
+ON_SERVER_STATUSES = (TaskStatus.SUBMITTED, TaskStatus.RUNNING)
+TERMINAL_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+class TaskQuerySet(models.QuerySet):
+    def queued(self):
+        return self.filter(status=TaskStatus.QUEUED)
+
+    def active(self):
+        return self.filter(status__in=ACTIVE_STATUSES)
+
+    def on_server(self, server):
+        return self.filter(server=server, status__in=ON_SERVER_STATUSES)
+
+    def for_user(self, user):
+        return self.filter(owner=user)
+
+    def quiet(self, for_):
+        return self.active().filter(last_event_at__lt=timezone.now() - for_)
+
+
+class Task(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tasks")
+    workflow = models.ForeignKey(Workflow, null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks")
+    inputs = models.JSONField(default=dict, blank=True)
+    graph = models.JSONField(help_text="The resolved graph sent to ComfyUI.")
+    # [{"node": id, "input": name, "upload": upload id}]: images copied to the task's server before the prompt.
+    image_inputs = models.JSONField(default=list, blank=True)
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+    priority = models.IntegerField(default=0)
+
+    status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
+    progress = models.FloatField(default=0.0)
+    # Bound before anything is sent to ComfyUI; never changed while the task is on that server.
+    server = models.ForeignKey(Server, null=True, blank=True, on_delete=models.PROTECT, related_name="tasks")
+    prompt_id = models.CharField(max_length=64, null=True, blank=True)
+    client_id = models.CharField(max_length=64, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+
+    created_at = models.DateTimeField(default=timezone.now)
+    submitted_at = models.DateTimeField(null=True, blank=True)
+    accepted_at = models.DateTimeField(null=True, blank=True, help_text="When the server confirmed the prompt.")
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    last_event_at = models.DateTimeField(default=timezone.now)
+
+    error = models.TextField(blank=True)
+    error_kind = models.CharField(max_length=40, blank=True)
+    error_details = models.JSONField(default=dict, blank=True)
+
+    objects = TaskQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        permissions = [("submit_raw_graph", "Can submit raw ComfyUI graphs")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="task_unique_idempotency_key",
+            ),
+        ]
+        indexes = [
+            models.Index(
+                fields=["status", "server"],
+                name="task_active_idx",
+                condition=Q(status__in=["queued", "submitted", "running"]),
+            ),
+            models.Index(fields=["server", "prompt_id"], name="task_prompt_idx"),
+            models.Index(fields=["owner", "-created_at"], name="task_owner_idx"),
+        ]
+
+    def __str__(self):
+        return f"task {self.pk} ({self.status})"
+
+    @property
+    def is_active(self):
+        return self.status in ACTIVE_STATUSES
+
+    @property
+    def is_terminal(self):
+        return self.status in TERMINAL_STATUSES
+
+    # --- transitions --------------------------------------------------------------------------------------
+    # Each is a conditional UPDATE; a count of 0 means another worker (or another signal for the same
+    # task) got there first, and the caller must treat the transition as already done by someone else.
+
+    def _transition(self, kind, allowed, to_status=None, *, match_prompt=True, message="", detail=None, **fields):
+        now = timezone.now()
+        changes = {"last_event_at": now, **fields}
+        if to_status is not None:
+            changes["status"] = to_status
+        rows = Task.objects.filter(pk=self.pk, status__in=allowed)
+        if match_prompt:
+            rows = rows.filter(prompt_id=self.prompt_id)
+        old_server_id, old_prompt_id, from_status = self.server_id, self.prompt_id, self.status
+        with transaction.atomic():
+            won = rows.update(**changes) == 1
+            if won:
+                for key, value in changes.items():
+                    setattr(self, key, value)
+                self.refresh_from_db(fields=["attempts", "progress"])
+                TaskEvent.objects.create(
+                    task=self,
+                    kind=kind,
+                    from_status=from_status,
+                    to_status=self.status,
+                    server_id=self.server_id or old_server_id,
+                    prompt_id=self.prompt_id or old_prompt_id or "",
+                    message=message,
+                    detail=detail or {},
+                )
+        if won:
+            from tasks.progress import emit_task_update
+
+            transaction.on_commit(lambda: emit_task_update(self))
+        return won
+
+    def bind(self, server, prompt_id):
+        """queued → submitted on `server` with a hub-chosen prompt_id, before anything is sent."""
+        return self._transition(
+            "submitted",
+            [TaskStatus.QUEUED],
+            TaskStatus.SUBMITTED,
+            match_prompt=False,
+            message=f"bound to {server.name}",
+            server=server,
+            prompt_id=prompt_id,
+            client_id=server.client_id,
+            submitted_at=timezone.now(),
+            accepted_at=None,
+            started_at=None,
+            progress=0.0,
+            attempts=F("attempts") + 1,
+        )
+
+    def unbind(self, reason):
+        """submitted → queued when the prompt certainly never reached the server: the attempt does not count."""
+        return self._transition(
+            "unbound",
+            [TaskStatus.SUBMITTED],
+            TaskStatus.QUEUED,
+            message=reason,
+            detail={"server": self.server.name if self.server else None},
+            server=None,
+            prompt_id=None,
+            submitted_at=None,
+            attempts=F("attempts") - 1,
+        )
+
+    def mark_accepted(self, number=None):
+        return self._transition(
+            "accepted",
+            ON_SERVER_STATUSES,
+            accepted_at=timezone.now(),
+            detail={"number": number},
+            message="in the server's queue",
+        )
+
+    def mark_running(self, source="websocket"):
+        return self._transition(
+            "running",
+            [TaskStatus.SUBMITTED],
+            TaskStatus.RUNNING,
+            message=f"started ({source})",
+            started_at=timezone.now(),
+            accepted_at=self.accepted_at or timezone.now(),
+        )
+
+    def set_progress(self, progress):
+        """A hint only: never 1.0 before completion, never backwards while running."""
+        progress = max(0.0, min(progress, 0.99))
+        updated = Task.objects.filter(
+            pk=self.pk, prompt_id=self.prompt_id, status__in=ON_SERVER_STATUSES, progress__lt=progress
+        ).update(progress=progress, last_event_at=timezone.now())
+        if updated:
+            self.progress = progress
+        return bool(updated)
+
+    def mark_succeeded(self, source):
+        return self._transition(
+            "succeeded",
+            ON_SERVER_STATUSES,
+            TaskStatus.SUCCEEDED,
+            message=f"finished ({source})",
+            progress=1.0,
+            finished_at=timezone.now(),
+        )
+
+    def mark_failed(self, kind, message, details=None, *, match_prompt=True):
+        return self._transition(
+            "failed",
+            ACTIVE_STATUSES,
+            TaskStatus.FAILED,
+            match_prompt=match_prompt,
+            message=message,
+            detail=details or {},
+            error=message,
+            error_kind=kind,
+            error_details=details or {},
+            finished_at=timezone.now(),
+        )
+
+    def mark_cancelled(self, message="cancelled", *, match_prompt=True):
+        return self._transition(
+            "cancelled",
+            ACTIVE_STATUSES,
+            TaskStatus.CANCELLED,
+            match_prompt=match_prompt,
+            message=message,
+            finished_at=timezone.now(),
+        )
+
+    def requeue(self, reason):
+        """The server lost the task (restart): send it again, up to the attempt limit, then fail it."""
+        limit = settings.COMFYHUB["MAX_ATTEMPTS"]
+        if self.attempts >= limit:
+            return self.mark_failed(
+                "lost", f"{reason}; gave up after {self.attempts} attempts", {"attempts": self.attempts}
+            )
+        return self._transition(
+            "requeued",
+            ON_SERVER_STATUSES,
+            TaskStatus.QUEUED,
+            message=reason,
+            detail={"attempts": self.attempts, "server": self.server.name if self.server else None},
+            server=None,
+            prompt_id=None,
+            submitted_at=None,
+            accepted_at=None,
+            started_at=None,
+            progress=0.0,
+        )
+
+    def request_cancel(self):
+        """Cancel now if still in the hub; otherwise ask the server's supervisor to remove or interrupt it."""
+        if self.status == TaskStatus.QUEUED and self.mark_cancelled("cancelled before it was sent", match_prompt=False):
+            return True
+        if self.status not in ON_SERVER_STATUSES:
+            return False
+        updated = Task.objects.filter(
+            pk=self.pk, status__in=ON_SERVER_STATUSES, cancel_requested_at__isnull=True
+        ).update(cancel_requested_at=timezone.now())
+        if updated:
+            self.record("cancel_requested", "cancel requested")
+            from servers.upstream import wake_supervisors
+
+            transaction.on_commit(wake_supervisors)
+        return True
+
+    def record(self, kind, message="", detail=None):
+        """Append an event that does not change the status (reconnects, reconciliations, ignored results)."""
+        Task.objects.filter(pk=self.pk).update(last_event_at=timezone.now())
+        return TaskEvent.objects.create(
+            task=self,
+            kind=kind,
+            from_status=self.status,
+            to_status=self.status,
+            server_id=self.server_id,
+            prompt_id=self.prompt_id or "",
+            message=message,
+            detail=detail or {},
+        )
+
+
+class TaskEvent(models.Model):
+    """Append-only trail: every transition, reconnect and reconciliation of a task, with the server involved."""
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    kind = models.CharField(max_length=40)
+    from_status = models.CharField(max_length=16, blank=True)
+    to_status = models.CharField(max_length=16, blank=True)
+    server = models.ForeignKey(Server, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    prompt_id = models.CharField(max_length=64, blank=True)
+    message = models.TextField(blank=True)
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["at", "pk"]
+
+    def __str__(self):
+        return f"{self.kind} {self.from_status}→{self.to_status}"
+
+
+def output_path(instance, filename):
+    return f"outputs/{instance.task_id}/{filename}"
+
+
+class TaskOutput(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="outputs")
+    node_id = models.CharField(max_length=64)
+    filename = models.CharField(max_length=255)
+    content_type = models.CharField(max_length=100)
+    size = models.PositiveBigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    file = models.FileField(upload_to=output_path, max_length=400)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at", "filename"]
+
+    def __str__(self):
+        return self.filename
+
+
+def upload_path(instance, filename):
+    return f"uploads/{instance.owner_id}/{instance.id}{instance.extension}"
+
+
+class Upload(models.Model):
+    """An image a user uploaded, kept in hub storage and copied to a task's own server before its prompt."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="uploads")
+    original_name = models.CharField(max_length=255)
+    content_type = models.CharField(max_length=100)
+    size = models.PositiveBigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    file = models.FileField(upload_to=upload_path, max_length=400)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return self.original_name
+
+    @property
+    def extension(self):
+        return {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}.get(self.content_type, ".png")
+
+    @property
+    def remote_name(self):
+        """The unique name used on ComfyUI servers, so that two users' image.png never collide."""
+        return f"comfyhub-{self.id}{self.extension}"
+
+
+def hash_token(token):
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class ApiToken(models.Model):
+    """A bearer token for the JSON API; only its hash is stored."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=12, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    def __str__(self):
+        return f"{self.prefix}… ({self.user})"
+
+    @classmethod
+    def issue(cls, user, name=""):
+        """Create a token and return (token row, the plain token shown once)."""
+        plain = "ch_" + secrets.token_urlsafe(32)
+        token = cls.objects.create(user=user, name=name, prefix=plain[:10], key_hash=hash_token(plain))
+        return token, plain
+
+    @classmethod
+    def authenticate(cls, plain):
+        token = cls.objects.select_related("user").filter(key_hash=hash_token(plain)).first()
+        if token is None or not token.user.is_active:
+            return None
+        cls.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
+        return token.user

@@ -1,0 +1,162 @@
+"""
+Workflow parameters: what a user may set, and how each value lands on a node input of the graph.
+
+A declaration is a dict: {"name", "type", "node", "input", optional "label", "help", "default", "required",
+"min", "max", "step", "choices", "multiline"}. Types: text, int, float, seed, choice, image.
+"""
+
+import copy
+import math
+import secrets
+import uuid
+
+PARAMETER_TYPES = ("text", "int", "float", "seed", "choice", "image")
+SEED_MAX = 2**64 - 1  # ComfyUI's KSampler accepts 0 .. 0xffffffffffffffff
+MAX_TEXT = 10_000
+
+
+class BindingError(ValueError):
+    """Bad input for a workflow: `details` maps each offending field to a sentence."""
+
+    def __init__(self, message, details=None):
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+
+
+def validate_declarations(graph, parameters):
+    """Check a workflow file's graph and parameters; returns a list of problems (empty when fine)."""
+    problems = []
+    if not isinstance(graph, dict) or not graph:
+        return ["graph must be a non-empty object of nodes in ComfyUI's API format"]
+    for node_id, node in graph.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            problems.append(f"node {node_id} has no class_type")
+        elif not isinstance(node.get("inputs", {}), dict):
+            problems.append(f"node {node_id} has inputs that are not an object")
+    if not isinstance(parameters, list):
+        return [*problems, "parameters must be a list"]
+    seen = set()
+    for index, param in enumerate(parameters):
+        where = f"parameter {index + 1}"
+        if not isinstance(param, dict):
+            problems.append(f"{where} is not an object")
+            continue
+        name = param.get("name")
+        if not isinstance(name, str) or not name.isidentifier():
+            problems.append(f"{where} needs a name made of letters, digits and underscores")
+            continue
+        where = f"parameter {name!r}"
+        if name in seen:
+            problems.append(f"{where} is declared twice")
+        seen.add(name)
+        if param.get("type") not in PARAMETER_TYPES:
+            problems.append(f"{where} has type {param.get('type')!r}; use one of {', '.join(PARAMETER_TYPES)}")
+        node = graph.get(str(param.get("node")))
+        if not isinstance(node, dict):
+            problems.append(f"{where} points at node {param.get('node')!r}, which the graph does not have")
+        elif param.get("input") not in (node.get("inputs") or {}):
+            problems.append(f"{where} points at input {param.get('input')!r}, which node {param.get('node')} lacks")
+        if param.get("type") == "choice" and not (isinstance(param.get("choices"), list) and param["choices"]):
+            problems.append(f"{where} is a choice without a list of choices")
+        for bound in ("min", "max"):
+            if bound in param and not _is_number(param[bound]):
+                problems.append(f"{where} has a {bound} that is not a number")
+    return problems
+
+
+def _is_number(value):
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _clean(param, value):
+    """Return the typed value or raise ValueError with a sentence for the user."""
+    kind = param["type"]
+    if kind == "text":
+        if not isinstance(value, str):
+            raise ValueError("must be text")
+        if len(value) > param.get("max_length", MAX_TEXT):
+            raise ValueError(f"must be at most {param.get('max_length', MAX_TEXT)} characters")
+        return value
+    if kind in ("int", "seed"):
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value.strip())
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError("must be a whole number")
+        low, high = (0, SEED_MAX) if kind == "seed" else (param.get("min"), param.get("max"))
+        _check_range(value, low, high)
+        return value
+    if kind == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError("must be a number") from None
+        if not _is_number(value):
+            raise ValueError("must be a number")
+        _check_range(value, param.get("min"), param.get("max"))
+        return float(value)
+    if kind == "choice":
+        if value not in param["choices"]:
+            raise ValueError(f"must be one of {', '.join(map(str, param['choices']))}")
+        return value
+    if kind == "image":
+        try:
+            return str(uuid.UUID(str(value)))
+        except ValueError:
+            raise ValueError("must be the id of one of your uploads") from None
+    raise ValueError(f"has an unknown type {kind!r}")
+
+
+def _check_range(value, low, high):
+    if low is not None and value < low:
+        raise ValueError(f"must be at least {low}")
+    if high is not None and value > high:
+        raise ValueError(f"must be at most {high}")
+
+
+def bind(graph, parameters, inputs, find_upload):
+    """
+    Apply `inputs` to a copy of `graph`. `find_upload(id)` returns the caller's own Upload or None.
+    Returns (graph, cleaned inputs, image inputs [{"node", "input", "upload"}]); raises BindingError.
+    """
+    if not isinstance(inputs, dict):
+        raise BindingError("inputs must be an object", {"inputs": "must be an object of parameter values"})
+    declared = {param["name"]: param for param in parameters}
+    errors = {name: "is not a parameter of this workflow" for name in inputs if name not in declared}
+    graph = copy.deepcopy(graph)
+    cleaned, images = {}, []
+    for name, param in declared.items():
+        value = inputs.get(name)
+        if value is None or value == "":
+            if param["type"] == "seed":
+                value = param.get("default") if param.get("random") is False else None
+                if value is None:
+                    value = secrets.randbelow(2**48)
+            elif "default" in param:
+                value = param["default"]
+            elif param.get("required", True):
+                errors[name] = "is required"
+                continue
+            else:
+                continue
+        try:
+            value = _clean(param, value)
+        except ValueError as exc:
+            errors[name] = str(exc)
+            continue
+        if param["type"] == "image":
+            upload = find_upload(value)
+            if upload is None:
+                errors[name] = "must be the id of one of your uploads"
+                continue
+            images.append({"node": str(param["node"]), "input": param["input"], "upload": value})
+            graph[str(param["node"])]["inputs"][param["input"]] = upload.remote_name
+        else:
+            graph[str(param["node"])]["inputs"][param["input"]] = value
+        cleaned[name] = value
+    if errors:
+        raise BindingError("Some inputs are not valid for this workflow.", errors)
+    return graph, cleaned, images
