@@ -9,11 +9,14 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
-websocket_urlpatterns = []
+from ops.routing import websocket_urlpatterns as ops_websocket_urlpatterns  # noqa: E402
+from tasks.routing import websocket_urlpatterns as tasks_websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "websocket": AllowedHostsOriginValidator(
+            AuthMiddlewareStack(URLRouter([*tasks_websocket_urlpatterns, *ops_websocket_urlpatterns]))
+        ),
     }
 )

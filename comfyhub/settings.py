@@ -40,6 +40,19 @@ def env_int(name, default, minimum=0):
     return number
 
 
+def env_float(name, default, minimum=0.0):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, not {value!r}") from None
+    if not number >= minimum or number == float("inf"):
+        raise ImproperlyConfigured(f"{name} must be a finite number of at least {minimum}, not {value}")
+    return number
+
+
 def env_list(name, default):
     value = os.environ.get(name)
     if value is None or value == "":
@@ -48,7 +61,9 @@ def env_list(name, default):
 
 
 DEBUG = env_bool("DEBUG", False)
-SECRET_KEY = os.environ.get("SECRET_KEY") or "comfyhub-embedded-default-not-for-production"
+# The embedded default needs no configuration; COMFYHUB_PRODUCTION refuses to start with it (see below).
+EMBEDDED_SECRET_KEY = "comfyhub-embedded-default-not-for-production"  # noqa: S105  (refused in production)
+SECRET_KEY = os.environ.get("SECRET_KEY") or EMBEDDED_SECRET_KEY
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
@@ -60,11 +75,13 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "django.contrib.humanize",
     "channels",
     "django_htmx",
     "template_partials",
     "servers",
     "tasks",
+    "ops",
 ]
 
 MIDDLEWARE = [
@@ -91,6 +108,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "tasks.context_processors.running_count",
             ],
         },
     },
@@ -114,29 +132,68 @@ if _database["ENGINE"] == "django.db.backends.sqlite3":
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     )
-    _database["TEST"] = {"NAME": str(BASE_DIR / "var" / "test.sqlite3")}
+    # A file (not :memory:) so that subprocesses started by the tests see the same database.
+    _database["TEST"] = {"NAME": os.environ.get("COMFYHUB_TEST_SQLITE") or str(BASE_DIR / "var" / "test.sqlite3")}
+elif _database["ENGINE"] == "django.db.backends.postgresql":
+    # Under ASGI every database_sync_to_async call (each websocket render, each supervisor step) opens and closes
+    # a connection; a PostgreSQL connection costs milliseconds to open. psycopg's pool keeps a few open per process
+    # (Django 5.1+; CONN_MAX_AGE must stay 0 with it). Keep DB_POOL_MAX x processes under max_connections.
+    _database.setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 2,
+        "max_size": env_int("COMFYHUB_DB_POOL_MAX", 10, minimum=2),
+        "timeout": 30,
+    }
 DATABASES = {"default": _database}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USING_SQLITE = _database["ENGINE"] == "django.db.backends.sqlite3"
 
-# --- Channel layer --------------------------------------------------------------------------------------
+# --- Channel layer and cache ----------------------------------------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "")
+REDIS_PREFIX = os.environ.get("REDIS_PREFIX", "comfyhub")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": os.environ.get("REDIS_PREFIX", "comfyhub")},
+            "CONFIG": {
+                # redis-py's default 5 s socket timeout equals channels_redis' 5 s BRPOP: an idle receive()
+                # would fail with a timeout instead of simply returning nothing. Give reads more room than that.
+                # redis-py 8 caps a pool at 100 connections and fails the 101st command at once instead of
+                # waiting: a burst of browser sockets opening together (a deploy, a Wi-Fi reconnect) would get
+                # HTTP 500 from group_add. Idle connections are reused, so the cap only bounds bursts.
+                "hosts": [
+                    {
+                        "address": REDIS_URL,
+                        "socket_timeout": 15,
+                        "socket_connect_timeout": 5,
+                        "max_connections": env_int("COMFYHUB_REDIS_MAX_CONNECTIONS", 2000),
+                    }
+                ],
+                "prefix": REDIS_PREFIX,
+            },
+        }
+    }
+    # The login and token failure counters (comfyhub/ratelimit.py) must be shared by every process.
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": REDIS_PREFIX,
+            "OPTIONS": {"socket_timeout": 2, "socket_connect_timeout": 2},
         }
     }
 else:
     # The in-memory layer cannot cross processes, which is why the supervisor runs inside Daphne then.
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    # Per process, like the layer: the embedded default is one process.
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 # --- Auth, i18n, files ----------------------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
+# LoginThrottle refuses logins of a locked-out username or address before ModelBackend checks the password.
+AUTHENTICATION_BACKENDS = ["comfyhub.ratelimit.LoginThrottle", "django.contrib.auth.backends.ModelBackend"]
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
@@ -161,16 +218,77 @@ COMFYHUB = {
     # Seconds between reconciliations of every active task of a connected server against /queue and /history.
     "RECONCILE_INTERVAL": env_int("COMFYHUB_RECONCILE_INTERVAL", 10, minimum=1),
     # How often a task's progress may be written and pushed (ComfyUI can send 200 progress messages a second).
-    "PROGRESS_INTERVAL": float(os.environ.get("COMFYHUB_PROGRESS_INTERVAL") or 0.25),
+    "PROGRESS_INTERVAL": env_float("COMFYHUB_PROGRESS_INTERVAL", 0.25, minimum=0.01),
+    # How often a browser socket may receive a frame: updates in between are folded into the next one.
+    "PUSH_INTERVAL": env_float("COMFYHUB_PUSH_INTERVAL", 0.2, minimum=0.01),
     # Largest output file copied off a GPU server, in bytes.
     "MAX_OUTPUT_BYTES": env_int("COMFYHUB_MAX_OUTPUT_BYTES", 200 * 1024 * 1024, minimum=1),
     # Largest image a user may upload, in bytes.
     "MAX_UPLOAD_BYTES": env_int("COMFYHUB_MAX_UPLOAD_BYTES", 20 * 1024 * 1024, minimum=1),
     # Seconds a worker's ownership lease on a server lasts without a heartbeat.
     "LEASE_SECONDS": env_int("COMFYHUB_LEASE_SECONDS", 15, minimum=2),
+    # Seconds a server may be unreachable before its waiting tasks move to other servers (failover).
+    "FAILOVER_SECONDS": env_int("COMFYHUB_FAILOVER_SECONDS", 30, minimum=1),
+    # Seconds between health probes (/system_stats, /queue) of each server.
+    "PROBE_INTERVAL": env_float("COMFYHUB_PROBE_INTERVAL", 5.0, minimum=0.05),
+    # A probe slower than this (seconds) marks the server degraded.
+    "SLOW_PROBE_SECONDS": env_float("COMFYHUB_SLOW_PROBE_SECONDS", 3.0),
+    # Tasks one user may have on servers at once (0: no limit; fair share still takes turns between users).
+    "USER_MAX_IN_FLIGHT": env_int("COMFYHUB_USER_MAX_IN_FLIGHT", 16),
+    # Tasks one user may have waiting in the hub; over it the API answers 429 and the form says so.
+    "USER_MAX_QUEUED": env_int("COMFYHUB_USER_MAX_QUEUED", 500, minimum=1),
+    # How long an affinity lock pins a user's related tasks (same upload, same graph) to one server.
+    "AFFINITY_SECONDS": env_int("COMFYHUB_AFFINITY_SECONDS", 600, minimum=1),
+    # A task quiet longer than this (seconds) while submitted / running is stuck: recovery steps in.
+    "STUCK_SUBMITTED": env_int("COMFYHUB_STUCK_SUBMITTED", 600, minimum=1),
+    "STUCK_RUNNING": env_int("COMFYHUB_STUCK_RUNNING", 900, minimum=1),
+    # Seconds between the supervisor's watchdog rounds over its servers' tasks.
+    "WATCHDOG_INTERVAL": env_int("COMFYHUB_WATCHDOG_INTERVAL", 30, minimum=1),
     # Whether the supervisor runs inside Daphne (embedded) or in run_upstream processes (production).
     "EMBEDDED_SUPERVISOR": env_bool("COMFYHUB_EMBEDDED_SUPERVISOR", not REDIS_URL),
+    # Bearer token that lets a Prometheus scraper read /metrics. Empty: only staff sessions may read it.
+    "METRICS_TOKEN": os.environ.get("COMFYHUB_METRICS_TOKEN", ""),
+    # Failed logins one username, or one address, may have within LOCKOUT_SECONDS before every further attempt
+    # is refused until that window (counted from the first failure) has passed. An address gets more: several
+    # people may share one behind a NAT.
+    "LOGIN_FAILURES_PER_USERNAME": env_int("COMFYHUB_LOGIN_FAILURES_PER_USERNAME", 5, minimum=1),
+    "LOGIN_FAILURES_PER_ADDRESS": env_int("COMFYHUB_LOGIN_FAILURES_PER_ADDRESS", 20, minimum=1),
+    # Invalid API bearer tokens one address may send within LOCKOUT_SECONDS.
+    "TOKEN_FAILURES_PER_ADDRESS": env_int("COMFYHUB_TOKEN_FAILURES_PER_ADDRESS", 20, minimum=1),
+    "LOCKOUT_SECONDS": env_int("COMFYHUB_LOCKOUT_SECONDS", 300, minimum=1),
 }
+
+# --- Production -----------------------------------------------------------------------------------------
+# COMFYHUB_PRODUCTION=true is the one switch that says "real users reach this hub over HTTPS". Settings then
+# refuse to start unsafe, and cookies, HSTS and the redirect to HTTPS are turned on. It is explicit rather than
+# guessed from DATABASE_URL or REDIS_URL because a staging hub on a real database may well run over plain HTTP.
+PRODUCTION = env_bool("COMFYHUB_PRODUCTION", False)
+if PRODUCTION:
+    if DEBUG:
+        raise ImproperlyConfigured("COMFYHUB_PRODUCTION is set, so DEBUG must be false: it shows tracebacks.")
+    if (
+        SECRET_KEY == EMBEDDED_SECRET_KEY
+        or len(SECRET_KEY) < 32
+        or len(set(SECRET_KEY)) < 5
+        or SECRET_KEY.startswith("django-insecure-")
+    ):
+        raise ImproperlyConfigured(
+            "COMFYHUB_PRODUCTION is set, so SECRET_KEY must be a random string of at least 32 characters, "
+            "not the embedded default; make one with: python -c 'import secrets; print(secrets.token_urlsafe(50))'"
+        )
+    if "*" in ALLOWED_HOSTS:
+        raise ImproperlyConfigured(
+            "COMFYHUB_PRODUCTION is set, so ALLOWED_HOSTS must name the hub's hosts: with '*' any web page "
+            "could open the hub's websockets in its visitors' names (the origin check uses ALLOWED_HOSTS)."
+        )
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    # Probes and scrapers talk to Daphne directly over plain HTTP.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+    SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
 
 LOGGING = {
     "version": 1,
@@ -178,5 +296,10 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
-    "loggers": {"daphne": {"level": "WARNING"}, "httpx": {"level": "WARNING"}},
+    "loggers": {
+        "daphne": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},
+        # One line per task transition (ops/apps.py); WARNING silences them without silencing the rest.
+        "comfyhub.tasks": {"level": os.environ.get("COMFYHUB_TASK_LOG_LEVEL", "INFO")},
+    },
 }

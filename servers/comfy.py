@@ -8,6 +8,7 @@ ComfyRejected (the server said no: a 400 with ComfyUI's error shape, a 404) is p
 
 import json
 import logging
+import math
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -93,14 +94,53 @@ def parse_frame(frame) -> Message | Binary:
         return _parse_binary(bytes(frame))
     try:
         obj = json.loads(frame)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
+        # RecursionError: a frame nested deeper than the interpreter's stack ("[[[[...").
         return Message("malformed", {"reason": "not JSON"})
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
         return Message("malformed", {"reason": "no type"})
     data = obj.get("data")
     if not isinstance(data, dict):
         return Message("malformed", {"reason": f"{obj['type']} without a data object"})
+    problem = _shape_problem(obj["type"], data)
+    if problem:
+        return Message("malformed", {"reason": problem})
     return Message(obj["type"], data)
+
+
+def _shape_problem(kind, data):
+    """
+    What makes a message unusable although it is a JSON object: a field the hub reads with the wrong type. The
+    supervisor trusts these fields (a number that overflows a float, `nodes: 5`, a NUL in a prompt_id that
+    PostgreSQL cannot even compare), so junk in them is malformed here, like junk anywhere else.
+    """
+    prompt_id = data.get("prompt_id")
+    if prompt_id is not None and not (
+        (isinstance(prompt_id, str) and "\x00" not in prompt_id)
+        or (isinstance(prompt_id, int) and not isinstance(prompt_id, bool))
+    ):
+        return f"{kind} with a prompt_id that is not text"
+    if kind == "execution_cached" and not isinstance(data.get("nodes") or [], list):
+        return "execution_cached whose nodes are not a list"
+    if kind == "progress":
+        counters = [data]
+    elif kind == "progress_state" and isinstance(data.get("nodes"), dict):
+        counters = [info for info in data["nodes"].values() if isinstance(info, dict)]
+    else:
+        counters = []
+    for counter in counters:
+        for key in ("value", "max"):
+            value = counter.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool) and not _finite(value):
+                return f"{kind} with a {key} that is not a finite number"
+    return None
+
+
+def _finite(number):
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _parse_binary(frame):
@@ -114,7 +154,7 @@ def _parse_binary(frame):
         (length,) = struct.unpack(">I", frame[4:8])
         try:
             metadata = json.loads(frame[8 : 8 + length])
-        except ValueError:
+        except (ValueError, RecursionError):
             return Message("malformed", {"reason": "bad preview metadata"})
         if not isinstance(metadata, dict):
             return Message("malformed", {"reason": "bad preview metadata"})
@@ -129,6 +169,16 @@ def _parse_binary(frame):
 class QueueSnapshot:
     running: list[str]
     pending: list[str]
+    # prompt_id -> the client_id it was submitted with (from each item's extra_data), when known
+    clients: dict = field(default_factory=dict)
+
+    def foreign(self, client_id):
+        """How many queued or running prompts were submitted by other clients than `client_id` (or its ".x" ids)."""
+        return sum(1 for pid in [*self.running, *self.pending] if not self.ours(pid, client_id))
+
+    def ours(self, prompt_id, client_id):
+        found = self.clients.get(prompt_id) or ""
+        return found == client_id or found.startswith(f"{client_id}.")
 
     def where(self, prompt_id):
         if prompt_id in self.running:
@@ -241,7 +291,9 @@ class ComfyClient:
         except httpx.ConnectError as exc:
             raise ComfyUnavailable(f"cannot connect for {method} {path}: {exc}", sent=False) from exc
         except httpx.TimeoutException as exc:
-            raise ComfyUnavailable(f"{method} {path} timed out", sent=not isinstance(exc, httpx.ConnectTimeout)) from exc
+            raise ComfyUnavailable(
+                f"{method} {path} timed out", sent=not isinstance(exc, httpx.ConnectTimeout)
+            ) from exc
         except httpx.HTTPError as exc:
             raise ComfyUnavailable(f"{method} {path} failed: {exc.__class__.__name__}: {exc}") from exc
         if reply.status_code >= 500:
@@ -266,10 +318,12 @@ class ComfyClient:
         except ValueError as exc:
             raise ComfyUnavailable(f"{method} {path} did not answer JSON") from exc
 
-    async def submit(self, graph, prompt_id, client_id, extra_data=None) -> Submitted:
+    async def submit(self, graph, prompt_id, client_id, extra_data=None, *, front=False) -> Submitted:
         body = {"prompt": graph, "prompt_id": prompt_id, "client_id": client_id}
         if extra_data:
             body["extra_data"] = extra_data
+        if front:
+            body["front"] = True  # runs before the other pending prompts, after the running one
         reply = await self._json("POST", "/prompt", json=body)
         if not isinstance(reply, dict) or str(reply.get("prompt_id")) != prompt_id:
             raise ComfyUnavailable(f"/prompt answered an unexpected body for {prompt_id}")
@@ -281,9 +335,17 @@ class ComfyClient:
         def ids(items):
             return [str(item[1]) for item in items or [] if isinstance(item, list) and len(item) > 1]
 
+        def clients(items):
+            found = {}
+            for item in items or []:
+                if isinstance(item, list) and len(item) > 3 and isinstance(item[3], dict):
+                    found[str(item[1])] = item[3].get("client_id")
+            return found
+
         if not isinstance(reply, dict):
             raise ComfyUnavailable("/queue did not answer an object")
-        return QueueSnapshot(ids(reply.get("queue_running")), ids(reply.get("queue_pending")))
+        running, pending = reply.get("queue_running"), reply.get("queue_pending")
+        return QueueSnapshot(ids(running), ids(pending), {**clients(running), **clients(pending)})
 
     async def history(self, prompt_id) -> HistoryEntry | None:
         reply = await self._json("GET", f"/history/{prompt_id}")
@@ -317,10 +379,14 @@ class ComfyClient:
                     raise ComfyRejected(f"{output.filename} is not on the server", status=404)
                 if reply.status_code >= 400:
                     error = ComfyRejected if reply.status_code < 500 else ComfyUnavailable
-                    raise error(f"/view {output.filename} answered {reply.status_code}", status=reply.status_code)
+                    raise error(
+                        f"/view {output.filename} answered {reply.status_code}", status=reply.status_code
+                    )
                 announced = reply.headers.get("content-length")
                 if announced is not None and int(announced) > max_bytes:
-                    raise ComfyRejected(f"{output.filename} is {announced} bytes, over the limit of {max_bytes}")
+                    raise ComfyRejected(
+                        f"{output.filename} is {announced} bytes, over the limit of {max_bytes}"
+                    )
                 chunks, size = [], 0
                 async for chunk in reply.aiter_bytes():
                     size += len(chunk)
@@ -352,7 +418,9 @@ class ComfyClient:
         except (OSError, TimeoutError, websockets.WebSocketException) as exc:
             raise ComfyUnavailable(f"websocket connect failed: {exc.__class__.__name__}: {exc}") from exc
         try:
-            await socket.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+            await socket.send(
+                json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}})
+            )
             yield EventStream(socket)
         finally:
             await socket.close()

@@ -8,19 +8,27 @@ holds the socket of a given server and submits its tasks.
 """
 
 import asyncio
+import contextlib
+import hashlib
+import json
 import logging
 import os
 import random
 import socket
+import threading
+import time
 import uuid
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
-from django.db import close_old_connections, connection, transaction
+from django.db import close_old_connections, connections
+from django.utils import timezone
 
+from servers import pool
 from servers.comfy import Binary, ComfyClient, ComfyError, ComfyRejected, ComfyUnavailable
-from servers.models import Lock, LockPurpose, Server, ServerState
+from servers.dispatch import summarize_object_info
+from servers.models import Lock, LockPurpose, Server, ServerState, StalePrompt, upstream_key
 from tasks import outputs
 from tasks.models import ON_SERVER_STATUSES, Task, TaskStatus, Upload
 from tasks.progress import aemit_task_update
@@ -60,7 +68,19 @@ class ProgressTracker:
         self.done = set()
         self.running = None
         self.fraction = 0.0
-        self.dirty = False
+        self._dirty = False
+        # When the first message not yet pushed arrived: the start of the upstream-to-browser latency.
+        self.since = None
+
+    @property
+    def dirty(self):
+        return self._dirty
+
+    @dirty.setter
+    def dirty(self, value):
+        if value and not self._dirty:
+            self.since = time.time()
+        self._dirty = value
 
     def cached(self, nodes):
         self.done.update(str(node) for node in nodes)
@@ -106,6 +126,12 @@ class Connection:
         self.supervisor = supervisor
         self.server = server
         self.client = ComfyClient(server.url, timeout=supervisor.http_timeout)
+        # One clientId per server and holder process. ComfyUI unregisters a clientId's new socket when an older
+        # socket with the same id closes (protocol §2.6): with a lease taken over from a worker that was frozen,
+        # not dead, that worker's late close would silence this one. The holder's own prompts keep their
+        # messages across reconnects; prompts of a previous holder are followed through /queue and /history.
+        owner = getattr(supervisor, "owner", "standalone")
+        self.client_id = f"{server.client_id}.{hashlib.sha256(owner.encode()).hexdigest()[:8]}"
         self.online = False
         self.tasks = {}  # prompt_id -> Task, for the tasks of this server that are on it now
         self.trackers = {}  # prompt_id -> ProgressTracker
@@ -113,13 +139,34 @@ class Connection:
         self.sending = set()  # prompt_ids whose POST /prompt is in flight
         self.finishing = set()  # prompt_ids being finished: other terminal signals are no-ops
         self.cancel_sent = set()
+        self.strangers = set()  # prompt_ids that are not ours: skip the database for their progress
         self.running_prompt = None
         self.background = set()
         self.stopping = False
         self._runner = None
+        self.offline_since = None  # monotonic time since when the server has not answered at all
+        self.failed_over = False
+        self.last_number = None  # the last queue number /prompt answered: it goes down when the server restarts
+        self.stream = None
+        self.last_frame_at = 0.0
+        self.orphaned = False
+        self.own_prompts = set()  # sent under this connection's clientId: their messages come to this socket
+        self.adopted = set()  # on the server under another holder's clientId: followed by polling
 
     def __repr__(self):
         return f"<Connection {self.server.name}>"
+
+    async def holds_lease(self, margin=0.0):
+        """
+        Whether this process still follows the server. A worker frozen past its lease (a paused VM, a host deep
+        in swap) wakes up still believing it does; before it sends or settles anything it asks the database.
+        Connections of a command or an admin action (no lease owner) act on the operator's word.
+        """
+        owner = getattr(self.supervisor, "owner", None)
+        if owner is None:
+            return True
+        lease = Lock.held(LockPurpose.UPSTREAM, upstream_key(self.server.pk), owner, margin)
+        return await db(lease.exists)()
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -127,6 +174,7 @@ class Connection:
         self._runner = asyncio.create_task(self.run(), name=f"upstream-{self.server.name}")
         self.spawn(self.flush_progress_loop())
         self.spawn(self.reconcile_loop())
+        self.spawn(self.probe_loop())
 
     async def stop(self):
         self.stopping = True
@@ -152,15 +200,25 @@ class Connection:
         while not self.stopping:
             try:
                 # The block closes the old socket and waits for the close before we ever reconnect (§2.6).
-                async with self.client.events(self.server.client_id) as stream:
-                    self.online = True
+                async with self.client.events(self.client_id) as stream:
                     backoff = 0.2
+                    self.orphaned = False
+                    self.offline_since, self.failed_over = None, False
+                    await self.probe(connecting=True)
+                    self.online = True
                     await db(self.server.set_state)(ServerState.ONLINE, "")
                     logger.info("connected to %s", self.server.name)
+                    await self.clear_stale()
                     await self.reconcile("connected")
+                    if self.adopted:
+                        self.spawn(self.follow_adopted())
                     self.supervisor.wake.set()
+                    self.stream = stream
                     async for message in stream:
+                        self.last_frame_at = time.monotonic()
                         await self.handle(message)
+                if self.orphaned:
+                    raise ComfyUnavailable("the websocket received nothing after a prompt: reconnecting (§2.6)")
                 raise ComfyUnavailable("the server closed the websocket")
             except asyncio.CancelledError:
                 raise
@@ -178,7 +236,109 @@ class Connection:
         self.running_prompt = None
         if was_online:
             logger.warning("lost %s: %s", self.server.name, reason)
+        if self.offline_since is None:
+            self.offline_since = time.monotonic()
         await db(self.server.set_state)(ServerState.OFFLINE, reason)
+
+    # --- health ---------------------------------------------------------------------------------------
+
+    async def probe_loop(self):
+        while True:
+            await asyncio.sleep(self.supervisor.probe_interval)
+            try:
+                await self.probe()
+            except ComfyError as exc:
+                await self.probe_failed(exc.message)
+
+    async def probe(self, connecting=False):
+        """Ask /system_stats and /queue: liveness, other clients' queued work, and whether it restarted."""
+        started = time.monotonic()
+        stats = await self.client.system_stats()
+        queue = await self.client.queue()
+        elapsed = time.monotonic() - started
+        self.offline_since = None
+        fingerprint = _fingerprint(stats)
+        restarted = bool(self.server.fingerprint) and fingerprint != self.server.fingerprint
+        if restarted:
+            await db(self.server.record)("restarted", "its /system_stats changed: it restarted", {"took": elapsed})
+        if restarted or connecting or not self.server.capabilities:
+            await self.refresh_capabilities()
+        await db(_save_probe)(self.server, fingerprint, queue.foreign(self.server.client_id))  # any holder's are ours
+        if connecting:
+            return
+        if not self.online:
+            await db(self.server.set_state)(ServerState.DEGRADED, "its HTTP API answers but the websocket is down")
+        elif elapsed > settings.COMFYHUB["SLOW_PROBE_SECONDS"]:
+            await db(self.server.set_state)(ServerState.DEGRADED, f"slow: a probe took {elapsed:.1f} s")
+        else:
+            await db(self.server.set_state)(ServerState.ONLINE, "")
+        if restarted and self.online:
+            await self.reconcile("restart")
+
+    async def probe_failed(self, reason):
+        if self.online:
+            await db(self.server.set_state)(ServerState.DEGRADED, f"a probe failed: {reason}")
+            return
+        if self.offline_since is None:
+            self.offline_since = time.monotonic()
+        await db(self.server.set_state)(ServerState.OFFLINE, reason)
+        if not self.failed_over and time.monotonic() - self.offline_since >= self.supervisor.failover_seconds:
+            await self.failover(f"{self.server.name} unreachable for {self.supervisor.failover_seconds} s")
+
+    async def refresh_capabilities(self):
+        info = await self.client.object_info()
+        summary = summarize_object_info(info if isinstance(info, dict) else {})
+        self.server.capabilities = summary
+        await db(lambda: Server.objects.filter(pk=self.server.pk).update(
+            capabilities=summary, capabilities_at=timezone.now()
+        ))()
+
+    async def failover(self, reason):
+        """Move the tasks waiting on an unreachable server to others; retry the one that was running there."""
+        self.failed_over = True
+        tasks = await db(lambda: list(Task.objects.select_related("server").on_server(self.server)))()
+        moved = retried = 0
+        for task in tasks:
+            if task.status == TaskStatus.SUBMITTED and task.started_at is None:
+                moved += await db(task.move)(reason)
+            else:
+                retried += await db(task.requeue)(reason, stale=True)
+            self.forget(task.prompt_id)
+        if tasks:
+            logger.warning("%s: failover moved %d waiting tasks and retried %d", self.server.name, moved, retried)
+            await db(self.server.record)(
+                "failover", f"{reason}: moved {moved} waiting tasks, retried {retried}",
+                {"moved": moved, "retried": retried},
+            )
+        self.supervisor.wake.set()
+
+    async def clear_stale(self):
+        """Delete what this hub left on the server before a failover; ignore (and record) what ran anyway."""
+        stale = await db(lambda: list(StalePrompt.objects.filter(server=self.server).select_related("task")))()
+        if not stale:
+            return
+        queue = await self.client.queue()
+        for item in stale:
+            where = queue.where(item.prompt_id)
+            detail = {"server": self.server.name, "prompt_id": item.prompt_id}
+            if where == "pending":
+                await self.client.delete_from_queue([item.prompt_id])
+                await db(item.task.record)(
+                    "stale_deleted", f"its old copy was deleted from {self.server.name}", detail,
+                    server=self.server, prompt_id=item.prompt_id, touch=False,
+                )
+            elif where == "running":
+                await self.client.interrupt(item.prompt_id)
+                await db(item.task.record)(
+                    "stale_interrupted", f"its old copy ran on {self.server.name}", detail,
+                    server=self.server, prompt_id=item.prompt_id, touch=False,
+                )
+            elif await self.client.history(item.prompt_id) is not None:
+                await db(item.task.record)(
+                    "late_result_ignored", f"{self.server.name} finished its old copy; the result is ignored", detail,
+                    server=self.server, prompt_id=item.prompt_id, touch=False,
+                )
+            await db(item.delete)()
 
     # --- websocket messages ---------------------------------------------------------------------------
 
@@ -211,7 +371,11 @@ class Connection:
                 tracker.executing(str(node))
                 await self.started(task)
         elif kind == "progress":
-            tracker.step(str(data.get("node")) if data.get("node") is not None else None, data.get("value"), data.get("max"))
+            tracker.step(
+                str(data.get("node")) if data.get("node") is not None else None,
+                data.get("value"),
+                data.get("max"),
+            )
         elif kind == "progress_state":
             if isinstance(data.get("nodes"), dict):
                 tracker.state(data["nodes"])
@@ -222,14 +386,20 @@ class Connection:
 
     async def task_for(self, prompt_id):
         task = self.tasks.get(prompt_id)
-        if task is None:
+        if task is None and prompt_id not in self.strangers:
             task = await db(
-                lambda: Task.objects.select_related("server")
-                .filter(server=self.server, prompt_id=prompt_id, status__in=ON_SERVER_STATUSES)
-                .first()
+                lambda: (
+                    Task.objects.select_related("server")
+                    .filter(server=self.server, prompt_id=prompt_id, status__in=ON_SERVER_STATUSES)
+                    .first()
+                )
             )()
             if task is not None:
                 self.tasks[prompt_id] = task
+            else:
+                if len(self.strangers) > 10_000:
+                    self.strangers.clear()
+                self.strangers.add(prompt_id)
         return task
 
     async def started(self, task):
@@ -242,7 +412,9 @@ class Connection:
         task = self.tasks.get(prompt_id)
         if task is None:
             return
-        node_id = str(frame.metadata.get("node_id") or self.trackers.get(prompt_id, ProgressTracker({})).running)
+        node_id = str(
+            frame.metadata.get("node_id") or self.trackers.get(prompt_id, ProgressTracker({})).running
+        )
         node = task.graph.get(node_id) or {}
         if node.get("class_type") == "SaveImageWebsocket":
             self.ws_images.setdefault(prompt_id, []).append((node_id, frame.image_type, frame.image))
@@ -255,20 +427,31 @@ class Connection:
                 task = self.tasks.get(prompt_id)
                 if not tracker.dirty or task is None or prompt_id in self.finishing:
                     continue
-                tracker.dirty = False
+                since, tracker.dirty = tracker.since, False
                 if await db(task.set_progress)(tracker.value):
-                    await aemit_task_update(task)
+                    await aemit_task_update(task, upstream_at=since)
 
     # --- submission -----------------------------------------------------------------------------------
 
-    async def send(self, task):
+    async def send(self, task, front=False):
         """POST the prompt of a task already bound to this server. Never sends a prompt_id the server has."""
         prompt_id = task.prompt_id
         self.tasks[prompt_id] = task
+        self.strangers.discard(prompt_id)
         self.sending.add(prompt_id)
+        self.own_prompts.add(prompt_id)
+        self.adopted.discard(prompt_id)
         try:
             await self.copy_uploads(task)
-            reply = await self.client.submit(task.graph, prompt_id, self.server.client_id)
+            # The last moment to find out that the lease lapsed: the new holder sends the task (it is bound to this
+            # server) unless the POST below reaches the server before that holder's first reconciliation, which
+            # the margin (a third of the lease) leaves ample time for.
+            if not await self.holds_lease(margin=getattr(self.supervisor, "lease_seconds", 0) / 3):
+                logger.warning("%s: lease lapsed; leaving task %s to the new holder", self.server.name, task.pk)
+                await db(task.record)("handed_over", f"not sent: this worker's lease on {self.server.name} lapsed")
+                self.forget(prompt_id)
+                return
+            reply = await self.client.submit(task.graph, prompt_id, self.client_id, front=front)
         except ComfyRejected as exc:
             await db(task.mark_failed)("rejected", _rejection_message(exc), _rejection_details(exc))
             self.forget(prompt_id)
@@ -280,12 +463,38 @@ class Connection:
                 # The reply was lost: the prompt may or may not be queued. Reconciliation asks /queue and
                 # /history before anything is sent again.
                 await db(task.record)("reply_lost", exc.message)
+                self.spawn(self.reconcile_after(1.0, "lost reply"))
         else:
             await db(task.mark_accepted)(reply.number)
+            await self.check_number(reply.number)
+            self.spawn(self.expect_frames(self.stream, time.monotonic()))
             if reply.node_errors:
                 await db(task.record)("partial", "some outputs were refused by the server", reply.node_errors)
         finally:
             self.sending.discard(prompt_id)
+
+    async def expect_frames(self, stream, since, within=3.0):
+        """
+        ComfyUI broadcasts a `status` to every socket when a prompt is queued. A socket that hears nothing after
+        a POST has been orphaned: another process connected with the same clientId and then closed its old
+        socket, which unregisters ours (protocol §2.6). Reconnecting registers it again.
+        """
+        await asyncio.sleep(within)
+        if stream is None or stream is not self.stream or self.last_frame_at >= since or not self.online:
+            return
+        logger.warning("%s: the websocket heard nothing after a prompt: reconnecting", self.server.name)
+        await db(self.server.record)("socket_orphaned", "the websocket heard nothing after a prompt; reconnected")
+        self.orphaned = True
+        await stream.socket.close()
+
+    async def check_number(self, number):
+        # ComfyUI numbers every POST from a counter that starts again at 0 when the process restarts.
+        if not isinstance(number, int | float) or number < 0:
+            return  # front prompts get negative numbers
+        previous, self.last_number = self.last_number, number
+        if previous is not None and number < previous:
+            await db(self.server.record)("restarted", f"its queue numbers went back from {previous} to {number}")
+            self.spawn(self.reconcile_after(0, "restart"))
 
     async def copy_uploads(self, task):
         changed = False
@@ -304,30 +513,52 @@ class Connection:
 
     async def reconcile_loop(self):
         while True:
-            await asyncio.sleep(self.supervisor.reconcile_interval)
+            await self.reconcile_after(self.supervisor.reconcile_interval, "timer")
+
+    async def reconcile_after(self, delay, reason):
+        await asyncio.sleep(delay)
+        if self.online:
+            try:
+                await self.reconcile(reason)
+            except ComfyError as exc:
+                logger.info("reconciling %s failed: %s", self.server.name, exc.message)
+
+    async def follow_adopted(self):
+        """Prompts a previous holder sent report to its clientId, not ours: look them up every second instead."""
+        while self.adopted and not self.stopping:
+            await asyncio.sleep(1.0)
             if self.online:
                 try:
-                    await self.reconcile("timer")
+                    await self.reconcile("adopted", only=set(self.adopted))
                 except ComfyError as exc:
-                    logger.info("reconciling %s failed: %s", self.server.name, exc.message)
+                    logger.info("following adopted prompts on %s failed: %s", self.server.name, exc.message)
 
-    async def reconcile(self, reason):
-        """Compare every task this hub has on the server with the server's /queue and /history."""
+    async def reconcile(self, reason, only=None):
+        """Compare every task this hub has on the server (or those of `only`) with its /queue and /history."""
+        if not await self.holds_lease():
+            return 0  # another worker follows this server now; this connection is about to be stopped
         tasks = await db(lambda: list(Task.objects.select_related("server").on_server(self.server)))()
+        if only is not None:
+            self.adopted &= {task.prompt_id for task in tasks}
+            tasks = [task for task in tasks if task.prompt_id in only]
         if not tasks:
             return 0
         queue = await self.client.queue()
-        settled = 0
+        settled = missed = 0
         for task in tasks:
             prompt_id = task.prompt_id
             if prompt_id in self.sending or prompt_id in self.finishing:
                 continue
+            # Followed by this socket since before this pass: its start or end should have come over the socket.
+            followed = reason == "timer" and prompt_id in self.own_prompts
+            if prompt_id not in self.own_prompts:
+                self.adopted.add(prompt_id)
             self.tasks[prompt_id] = task
             where = queue.where(prompt_id)
             if where == "running":
                 self.running_prompt = prompt_id
-                if task.status == TaskStatus.SUBMITTED:
-                    await db(task.mark_running)("queue")
+                if task.status == TaskStatus.SUBMITTED and await db(task.mark_running)("queue"):
+                    missed += followed
                 continue
             if where == "pending":
                 if task.accepted_at is None:
@@ -337,6 +568,7 @@ class Connection:
             entry = await self.client.history(prompt_id)
             if entry is not None:
                 await self.finish(task, f"history ({reason})", entry)
+                missed += followed
             elif task.accepted_at is None and task.started_at is None:
                 await db(task.record)("resubmitted", f"not on {self.server.name} after {reason}; sending it")
                 await self.send(task)
@@ -347,7 +579,23 @@ class Connection:
                 await db(task.requeue)(f"{self.server.name} lost it (found in neither queue nor history)")
                 self.forget(prompt_id)
             settled += 1
+        if missed and self.online and not self.stopping:
+            # The socket said nothing about work it should have reported. ComfyUI sends nothing at all to a socket
+            # it has unregistered (protocol §2.6), e.g. when the worker that held this server's lease before us
+            # closes its socket with the same clientId after we connected: connect again.
+            logger.warning("%s: the websocket missed events of %d tasks; reconnecting", self.server.name, missed)
+            await db(self.server.record)("socket_orphaned", f"the websocket missed events of {missed} tasks")
+            await self.reopen()
         return settled
+
+    async def reopen(self):
+        """Close the socket, wait until it is closed (§2.6), and connect again."""
+        old, self.online = self._runner, False
+        if old is not None and old is not asyncio.current_task():
+            old.cancel()
+            await asyncio.gather(old, return_exceptions=True)
+        if not self.stopping:
+            self._runner = asyncio.create_task(self.run(), name=f"upstream-{self.server.name}")
 
     # --- completion -----------------------------------------------------------------------------------
 
@@ -377,7 +625,9 @@ class Connection:
                 if task.cancel_requested_at is not None or await db(_cancel_requested)(task):
                     await db(task.mark_cancelled)("interrupted on request")
                 else:
-                    await db(task.mark_failed)("interrupted", "interrupted on the server", entry.last("execution_interrupted"))
+                    await db(task.mark_failed)(
+                        "interrupted", "interrupted on the server", entry.last("execution_interrupted")
+                    )
             else:
                 error = entry.error or {}
                 details = {
@@ -386,14 +636,16 @@ class Connection:
                     "exception_type": error.get("exception_type"),
                     "exception_message": error.get("exception_message"),
                 }
-                message = f"{details['node_type'] or 'a node'} (node {details['node_id']}) failed: " + str(
-                    details["exception_message"] or "no message"
-                ).strip()
+                message = (
+                    f"{details['node_type'] or 'a node'} (node {details['node_id']}) failed: "
+                    + str(details["exception_message"] or "no message").strip()
+                )
                 if task.cancel_requested_at is not None:
                     await db(task.mark_cancelled)("stopped on request")
                 else:
                     await db(task.mark_failed)("node_error", message, details)
             self.forget(prompt_id)
+            self.supervisor.wake.set()  # a slot is free: the next task can go
         except ComfyUnavailable as exc:
             logger.info("%s: could not finish %s yet: %s", self.server.name, prompt_id, exc.message)
         finally:
@@ -406,7 +658,9 @@ class Connection:
             try:
                 data, content_type = await self.client.view(output, max_bytes=limit)
             except ComfyRejected as exc:
-                await db(task.mark_failed)("output_missing", f"could not copy {output.filename}: {exc.message}")
+                await db(task.mark_failed)(
+                    "output_missing", f"could not copy {output.filename}: {exc.message}"
+                )
                 return
             files.append((output.node_id, output.filename, content_type, data))
         for index, (node_id, content_type, data) in enumerate(self.ws_images.get(task.prompt_id, [])):
@@ -414,6 +668,8 @@ class Connection:
         await db(outputs.complete)(task, files, source)
 
     def forget(self, prompt_id):
+        self.own_prompts.discard(prompt_id)
+        self.adopted.discard(prompt_id)
         self.tasks.pop(prompt_id, None)
         self.trackers.pop(prompt_id, None)
         self.ws_images.pop(prompt_id, None)
@@ -434,6 +690,8 @@ class Connection:
             where = queue.where(prompt_id)
             if where == "pending":
                 await self.client.delete_from_queue([prompt_id])
+                # It may have started in between: look again on the next step.
+                self.cancel_sent.discard(prompt_id)
             elif where == "running":
                 await self.client.interrupt(prompt_id)
             await db(task.record)("cancel_sent", f"{where or 'not queued'} on {self.server.name}")
@@ -442,6 +700,27 @@ class Connection:
         except ComfyError as exc:
             self.cancel_sent.discard(prompt_id)
             logger.info("cancel of %s on %s failed: %s", prompt_id, self.server.name, exc.message)
+
+
+def _fingerprint(stats):
+    """What identifies one run of a server process in /system_stats (the simulator adds its start time to argv)."""
+    system = (stats or {}).get("system") or {} if isinstance(stats, dict) else {}
+    devices = (stats or {}).get("devices") or [] if isinstance(stats, dict) else []
+    keys = {
+        "argv": system.get("argv"),
+        "versions": [system.get(k) for k in ("comfyui_version", "python_version", "pytorch_version")],
+        "ram_total": system.get("ram_total"),
+        "devices": [(d.get("name"), d.get("vram_total")) for d in devices if isinstance(d, dict)],
+    }
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save_probe(server, fingerprint, foreign_queue):
+    now = timezone.now()
+    server.fingerprint, server.foreign_queue, server.last_probe_at = fingerprint, foreign_queue, now
+    Server.objects.filter(pk=server.pk).update(
+        fingerprint=fingerprint, foreign_queue=foreign_queue, last_probe_at=now, last_seen=now
+    )
 
 
 def _read_file(field):
@@ -460,7 +739,8 @@ def _rejection_message(exc):
         message = f"{message}: {error['details']}"
     for node_id, node in exc.node_errors.items():
         for item in (node or {}).get("errors", []):
-            message += f"; node {node_id} ({node.get('class_type')}): {item.get('message')} {item.get('details', '')}".rstrip()
+            detail = f"{item.get('message')} {item.get('details', '')}".rstrip()
+            message += f"; node {node_id} ({node.get('class_type')}): {detail}"
     return message
 
 
@@ -471,19 +751,26 @@ def _rejection_details(exc):
 class Supervisor:
     """Owns the connections of this process and feeds them work."""
 
-    def __init__(self, *, owner=None, tick=1.0):
+    def __init__(self, *, owner=None, tick=1.0, policy="fair"):
         conf = settings.COMFYHUB
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.tick = tick
         self.lease_seconds = conf["LEASE_SECONDS"]
         self.reconcile_interval = conf["RECONCILE_INTERVAL"]
         self.progress_interval = conf["PROGRESS_INTERVAL"]
+        self.probe_interval = conf["PROBE_INTERVAL"]
+        self.failover_seconds = conf["FAILOVER_SECONDS"]
+        self.horizon = 50  # queued tasks per user the planner looks at
+        self.next_watchdog = 0.0
+        self.policy = policy  # "fair" (servers/dispatch.py) or "naive", for comparison in bench_pool
+        self.turn = 0
         self.http_timeout = 30.0
         self.connections = {}
         self.wake = None
         self.loop = None
         self._stopped = None
         self._listener = None
+        self.stopping = False
 
     def wake_threadsafe(self):
         if self.loop is not None and self.wake is not None:
@@ -493,22 +780,23 @@ class Supervisor:
         self.loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
         self._stopped = asyncio.Event()
+        if self.stopping:
+            self._stopped.set()
         _local_supervisors.append(self)
         if settings.REDIS_URL:
             self._listener = asyncio.create_task(self.listen())
         logger.info("upstream supervisor %s started", self.owner)
         try:
             while not self._stopped.is_set():
+                # Cleared before the step, so that a wake-up arriving during the step is not lost.
+                self.wake.clear()
                 try:
                     await self.step()
                 except Exception:
                     logger.exception("supervisor step failed")
                     await db(close_old_connections)()
-                self.wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), timeout=self.tick)
-                except TimeoutError:
-                    pass
         finally:
             _local_supervisors.remove(self)
             if self._listener is not None:
@@ -516,6 +804,7 @@ class Supervisor:
             await self.shutdown()
 
     def stop(self):
+        self.stopping = True
         if self._stopped is not None:
             self.loop.call_soon_threadsafe(self._stopped.set)
             self.wake_threadsafe()
@@ -544,13 +833,25 @@ class Supervisor:
         await self.manage_connections()
         await self.dispatch()
         await self.process_cancels()
+        if time.monotonic() >= self.next_watchdog:
+            self.next_watchdog = time.monotonic() + settings.COMFYHUB["WATCHDOG_INTERVAL"]
+            await self.watchdog()
+
+    async def watchdog(self):
+        """Stuck-task recovery for this process's servers (see servers/recovery.py)."""
+        from servers.recovery import recover
+
+        online = {pk: conn for pk, conn in self.connections.items() if conn.online}
+        if online:
+            for action in await recover(connections=online):
+                logger.warning("watchdog: %s", action)
 
     async def manage_connections(self):
         servers = await db(lambda: list(Server.objects.enabled()))()
         wanted = {}
         for server in servers:
             held = await db(Lock.acquire)(
-                LockPurpose.UPSTREAM, f"server:{server.pk}", self.owner, self.lease_seconds, server=server
+                LockPurpose.UPSTREAM, upstream_key(server.pk), self.owner, self.lease_seconds, server=server
             )
             if held:
                 wanted[server.pk] = server
@@ -561,33 +862,32 @@ class Supervisor:
                 del self.connections[pk]
                 await conn.stop()
             else:
-                conn.server.max_in_flight = fresh.max_in_flight
+                for name in ("max_in_flight", "pipeline_depth", "weight", "draining", "name"):
+                    setattr(conn.server, name, getattr(fresh, name))
         for pk, server in wanted.items():
             if pk not in self.connections:
                 conn = Connection(self, server)
                 self.connections[pk] = conn
                 conn.start()
-        disabled = await db(lambda: list(Server.objects.filter(enabled=False).exclude(state=ServerState.DISABLED)))()
+        disabled = await db(
+            lambda: list(Server.objects.filter(enabled=False).exclude(state=ServerState.DISABLED))
+        )()
         for server in disabled:
             await db(server.set_state)(ServerState.DISABLED)
 
     async def dispatch(self):
-        """Give queued tasks to the least-loaded connected servers, one task at a time."""
-        ready = [conn for conn in self.connections.values() if conn.online]
-        if not ready:
-            return 0
-        loads = await db(_loads)([conn.server.pk for conn in ready])
+        """Plan over the whole pool (see servers/dispatch.py) and send what falls to this process's servers."""
+        local = {pk: conn.server for pk, conn in self.connections.items() if conn.online}
+        result, self.turn = await db(pool.make_plan)(local, self.horizon, self.policy, self.turn)
         sent = 0
-        while True:
-            candidates = [c for c in ready if loads.get(c.server.pk, 0) < c.server.max_in_flight]
-            if not candidates:
-                break
-            conn = min(candidates, key=lambda c: (loads.get(c.server.pk, 0) / c.server.max_in_flight, c.server.pk))
-            task = await db(_claim_next)(conn.server)
+        for candidate, slot, front in result.sends:
+            conn = self.connections.get(slot.server_id)
+            if conn is None or not conn.online:
+                continue
+            task = await db(pool.claim)(candidate.task_id, conn.server, self.owner)
             if task is None:
-                break
-            loads[conn.server.pk] = loads.get(conn.server.pk, 0) + 1
-            conn.spawn(conn.send(task))
+                continue  # another worker, or a cancel, got there first
+            conn.spawn(conn.send(task, front=front))
             sent += 1
         return sent
 
@@ -597,7 +897,9 @@ class Supervisor:
         tasks = await db(
             lambda: list(
                 Task.objects.select_related("server").filter(
-                    server__in=list(self.connections), status__in=ON_SERVER_STATUSES, cancel_requested_at__isnull=False
+                    server__in=list(self.connections),
+                    status__in=ON_SERVER_STATUSES,
+                    cancel_requested_at__isnull=False,
                 )
             )
         )()
@@ -607,29 +909,53 @@ class Supervisor:
                 await conn.cancel(task)
 
 
-def _loads(server_ids):
-    from django.db.models import Count
+class SupervisorThread:
+    """A supervisor in a background thread with its own event loop (benchmarks, tests, sync callers)."""
 
-    rows = (
-        Task.objects.filter(server_id__in=server_ids, status__in=ON_SERVER_STATUSES)
-        .values("server_id")
-        .annotate(n=Count("pk"))
-    )
-    return {row["server_id"]: row["n"] for row in rows}
+    def __init__(self, **kwargs):
+        self.supervisor = Supervisor(**kwargs)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+        self.started = threading.Event()
+        self.failure = None
 
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._main())
+        except BaseException as exc:  # re-raised by stop()
+            self.failure = exc
+        finally:
+            self.loop.close()
 
-def _claim_next(server):
-    """Bind the next queued task to `server`. The conditional UPDATE in bind() is the real guard."""
-    for _ in range(5):
-        with transaction.atomic():
-            queued = Task.objects.queued().order_by("-priority", "created_at")
-            if connection.vendor == "postgresql":
-                queued = queued.select_for_update(skip_locked=True)
-            task = queued.select_related("server").first()
-            if task is None:
-                return None
-            if task.bind(server, str(uuid.uuid4())):
-                return task
-        # Another worker bound it first; take the next one.
-    return None
+    async def _main(self):
+        task = asyncio.create_task(self.supervisor.run())
+        await asyncio.sleep(0)
+        self.started.set()
+        try:
+            await task
+        finally:
+            # The ORM ran in asgiref's worker thread: close its connections so that nothing holds the database.
+            await db(connections.close_all)()
 
+    def start(self):
+        self.thread.start()
+        self.started.wait(timeout=15)
+        return self
+
+    def stop(self):
+        self.supervisor.stop()
+        self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            raise RuntimeError("the supervisor did not stop within 30 s")
+        if self.failure is not None:
+            raise self.failure
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,32 +1,45 @@
 """JSON API v1: session or `Authorization: Bearer <token>` auth; another user's objects are 404."""
 
-import hashlib
-import io
 import json
-import uuid
+import logging
+import math
 from functools import wraps
 
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
-from django.core.files.base import ContentFile
-from django.db import IntegrityError, transaction
-from django.http import FileResponse, JsonResponse
+from django.core.exceptions import BadRequest, PermissionDenied, RequestDataTooBig, SuspiciousOperation
+from django.http import FileResponse, Http404, JsonResponse
+from django.http.multipartparser import MultiPartParserError
 from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
+from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
-from PIL import Image, UnidentifiedImageError
 
-from servers.upstream import wake_supervisors
-from tasks.models import ApiToken, Task, TaskEvent, TaskOutput, TaskStatus, Upload, Workflow
-from tasks.params import BindingError, bind
+from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address, wait_message
+from tasks.models import ApiToken, TaskOutput, TaskStatus
+from tasks.params import BindingError
+from tasks.submission import QuotaExceeded, create_task, describe_size, store_upload, user_tasks
+from tasks.views import public_details, public_text, server_hosts
 
-UPLOAD_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+logger = logging.getLogger(__name__)
+
 MAX_LIST = 200
+MAX_OFFSET = 10**9
+# Deeper JSON is refused before anything walks it: inputs are flat, and ComfyUI graphs are a few levels deep.
+MAX_JSON_DEPTH = 64
 
 
 def error(status, code, message, details=None):
-    return JsonResponse({"error": {"code": code, "message": message, "details": details or {}}}, status=status)
+    return JsonResponse(
+        {"error": {"code": code, "message": message, "details": details or {}}}, status=status
+    )
+
+
+def page_not_found(request, exception=None):
+    """The site's 404 (handler404): JSON under /api/ (a malformed id, a typo), the HTML page elsewhere."""
+    if request.path.startswith("/api/"):
+        return error(404, "not_found", "No such resource. The API is described at /api/v1/openapi.json.")
+    return defaults.page_not_found(request, exception)
 
 
 def api_view(*methods):
@@ -40,9 +53,17 @@ def api_view(*methods):
                 return error(405, "method_not_allowed", f"Use {' or '.join(methods)} here.")
             header = request.headers.get("Authorization", "")
             if header:
+                address = client_address(request)
+                wait = TOKEN_BY_ADDRESS.retry_after(address)
+                if wait:
+                    # Every token is refused meanwhile, a right one too: a guesser learns nothing.
+                    response = error(429, "too_many_attempts", wait_message(wait))
+                    response["Retry-After"] = str(wait)
+                    return response
                 scheme, _, token = header.partition(" ")
                 user = ApiToken.authenticate(token.strip()) if scheme.lower() == "bearer" and token else None
                 if user is None:
+                    TOKEN_BY_ADDRESS.fail(address)
                     return error(401, "invalid_token", "The bearer token is missing, unknown or revoked.")
                 request.user = user
             elif not request.user.is_authenticated:
@@ -55,6 +76,16 @@ def api_view(*methods):
                 return view(request, *args, **kwargs)
             except RequestDataTooBig:
                 return error(413, "too_large", "The request body is too large.")
+            except (SuspiciousOperation, MultiPartParserError, BadRequest):
+                return error(400, "bad_request", "The request could not be read.")
+            except Http404:
+                return error(404, "not_found", "Not found.")
+            except PermissionDenied:
+                return error(403, "forbidden", "You may not do that.")
+            except Exception:
+                # Logged with its traceback for the operators; the client gets JSON without one.
+                logger.exception("API %s %s failed", request.method, request.path)
+                return error(500, "server_error", "Something went wrong on the hub; it has been logged.")
 
         return wrapper
 
@@ -66,6 +97,7 @@ def iso(value):
 
 
 def task_json(task, request=None):
+    """The task as its owner sees it. Only staff see error details raw: they may hold tracebacks and server URLs."""
     outputs = [
         {
             "id": str(out.pk),
@@ -88,10 +120,9 @@ def task_json(task, request=None):
         "prompt_id": task.prompt_id,
         "attempts": task.attempts,
         "priority": task.priority,
-        "error": (
-            {"kind": task.error_kind, "message": task.error, "details": task.error_details} if task.error else None
-        ),
+        "error": error_json(task, staff=request is not None and request.user.is_staff),
         "cancel_requested": task.cancel_requested_at is not None,
+        "waiting_reason": task.waiting_reason or None,
         "outputs": outputs,
         "created_at": iso(task.created_at),
         "submitted_at": iso(task.submitted_at),
@@ -100,95 +131,61 @@ def task_json(task, request=None):
     }
 
 
-def user_tasks(user):
-    return Task.objects.filter(owner=user).select_related("workflow", "server").prefetch_related("outputs")
+def error_json(task, staff):
+    if not task.error:
+        return None
+    if staff:
+        return {"kind": task.error_kind, "message": task.error, "details": task.error_details}
+    hosts = server_hosts(task.server)
+    return {
+        "kind": task.error_kind,
+        "message": public_text(task.error, hosts),
+        "details": public_details(task.error_details, hosts),
+    }
+
+
+def _refuse_constant(name):
+    raise BindingError("The body has a number JSON does not allow.", {"body": f"{name} is not a finite number"})
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses as infinity
+        raise BindingError("The body has a number out of range.", {"body": f"{text[:40]} is not a finite number"})
+    return value
+
+
+def check_json_shape(value):
+    """Refuse what parses but no database or walk should meet: deep nesting and NUL characters."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BindingError("The body is nested too deeply.", {"body": f"at most {MAX_JSON_DEPTH} levels"})
+        if isinstance(item, dict):
+            stack.extend((key, depth + 1) for key in item)
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str) and "\x00" in item:
+            # PostgreSQL refuses NUL in text and in jsonb: it would be a 500 there and a surprise on ComfyUI.
+            raise BindingError("The body has a NUL character in a string.", {"body": "text may not contain NUL"})
 
 
 def parse_json_body(request):
     if not request.content_type or request.content_type != "application/json":
         raise BindingError("Send a JSON body with Content-Type: application/json.")
     try:
-        body = json.loads(request.body or b"null")
+        body = json.loads(request.body or b"null", parse_constant=_refuse_constant, parse_float=_finite_float)
+    except BindingError:
+        raise
     except (ValueError, RecursionError):
+        # RecursionError: nested deeper than the parser goes (about 1,000 levels).
         raise BindingError("The body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise BindingError("The body must be a JSON object.")
+    check_json_shape(body)
     return body
-
-
-def validate_graph(graph):
-    if not isinstance(graph, dict) or not graph:
-        return "prompt must be a non-empty object of nodes in ComfyUI's API format"
-    for node_id, node in graph.items():
-        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
-            return f"node {node_id} needs a class_type"
-        if not isinstance(node.get("inputs", {}), dict):
-            return f"node {node_id} has inputs that are not an object"
-    return None
-
-
-def create_task(user, body):
-    """Validate a submission and create its task; returns (task, created) or raises BindingError / PermissionError."""
-    allowed = {"workflow", "inputs", "prompt", "idempotency_key", "priority"}
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise BindingError("Unknown fields.", {name: "is not a field of a task" for name in unknown})
-    key = body.get("idempotency_key")
-    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
-        raise BindingError("Invalid idempotency_key.", {"idempotency_key": "must be a string of 1 to 200 characters"})
-    if key is not None:
-        existing = user_tasks(user).filter(idempotency_key=key).first()
-        if existing is not None:
-            return existing, False
-    priority = body.get("priority", 0)
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise BindingError("Invalid priority.", {"priority": "must be a whole number"})
-    if priority > 0 and not user.is_staff:
-        raise PermissionError("Only staff may raise a task's priority.")
-    has_workflow, has_prompt = body.get("workflow") is not None, body.get("prompt") is not None
-    if has_workflow == has_prompt:
-        raise BindingError("Send either a workflow with inputs or a prompt graph.", {"workflow": "or prompt is required"})
-    workflow, inputs, images = None, {}, []
-    if has_workflow:
-        slug = body["workflow"]
-        workflow = Workflow.objects.filter(slug=slug, enabled=True).first() if isinstance(slug, str) else None
-        if workflow is None:
-            raise BindingError("Unknown workflow.", {"workflow": f"there is no workflow {slug!r}"})
-        graph, inputs, images = bind(
-            workflow.graph,
-            workflow.parameters,
-            body.get("inputs") or {},
-            lambda pk: Upload.objects.filter(owner=user, pk=pk).first(),
-        )
-    else:
-        if not user.has_perm("tasks.submit_raw_graph"):
-            raise PermissionError("You may not submit raw graphs; pick a workflow.")
-        graph = body["prompt"]
-        problem = validate_graph(graph)
-        if problem:
-            raise BindingError("The prompt is not a ComfyUI graph.", {"prompt": problem})
-        if body.get("inputs"):
-            raise BindingError("Inputs only apply to a workflow.", {"inputs": "only with a workflow"})
-    try:
-        with transaction.atomic():
-            task = Task.objects.create(
-                owner=user,
-                workflow=workflow,
-                inputs=inputs,
-                graph=graph,
-                image_inputs=images,
-                idempotency_key=key,
-                priority=priority,
-            )
-            TaskEvent.objects.create(task=task, kind="created", to_status=TaskStatus.QUEUED)
-            transaction.on_commit(wake_supervisors)
-    except IntegrityError:
-        # The same idempotency key arrived twice at once: the other request created the task.
-        return user_tasks(user).get(idempotency_key=key), False
-    from tasks.progress import emit_task_update
-
-    emit_task_update(task)
-    return task, True
 
 
 @api_view("GET", "POST")
@@ -200,27 +197,35 @@ def tasks_collection(request):
             return error(400, "invalid", exc.message, exc.details)
         except PermissionError as exc:
             return error(403, "forbidden", str(exc))
+        except QuotaExceeded as exc:
+            return error(429, "too_many_tasks", str(exc))
         task = user_tasks(request.user).get(pk=task.pk)
-        return JsonResponse(task_json(task), status=201 if created else 200)
+        return JsonResponse(task_json(task, request), status=201 if created else 200)
     tasks = user_tasks(request.user)
     status = request.GET.get("status")
     if status:
         if status not in TaskStatus.values:
-            return error(400, "invalid", "Unknown status.", {"status": f"use one of {', '.join(TaskStatus.values)}"})
+            return error(
+                400, "invalid", "Unknown status.", {"status": f"use one of {', '.join(TaskStatus.values)}"}
+            )
         tasks = tasks.filter(status=status)
     try:
         limit = min(int(request.GET.get("limit", 50)), MAX_LIST)
-        offset = max(int(request.GET.get("offset", 0)), 0)
+        # Past a 64-bit integer the database driver raises instead of finding nothing.
+        offset = min(max(int(request.GET.get("offset", 0)), 0), MAX_OFFSET)
     except ValueError:
         return error(400, "invalid", "limit and offset must be whole numbers.")
     return JsonResponse(
-        {"count": tasks.count(), "tasks": [task_json(task) for task in tasks[offset : offset + max(limit, 0)]]}
+        {
+            "count": tasks.count(),
+            "tasks": [task_json(task, request) for task in tasks[offset : offset + max(limit, 0)]],
+        }
     )
 
 
 @api_view("GET")
 def task_detail(request, pk):
-    return JsonResponse(task_json(get_object_or_404(user_tasks(request.user), pk=pk)))
+    return JsonResponse(task_json(get_object_or_404(user_tasks(request.user), pk=pk), request))
 
 
 @api_view("POST")
@@ -228,7 +233,7 @@ def task_cancel(request, pk):
     task = get_object_or_404(user_tasks(request.user), pk=pk)
     if not task.request_cancel():
         return error(409, "not_active", f"The task is {task.status}; only an active task can be cancelled.")
-    return JsonResponse(task_json(user_tasks(request.user).get(pk=pk)))
+    return JsonResponse(task_json(user_tasks(request.user).get(pk=pk), request))
 
 
 @api_view("GET")
@@ -244,39 +249,7 @@ def output_file(request, pk):
     return response
 
 
-def read_image(upload):
-    """Return (bytes, format, width, height) of an uploaded image, or raise BindingError."""
-    limit = settings.COMFYHUB["MAX_UPLOAD_BYTES"]
-    if upload.size > limit:
-        raise BindingError("The image is too large.", {"image": f"must be at most {limit // (1024 * 1024)} MiB"})
-    data = upload.read()
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.verify()
-        with Image.open(io.BytesIO(data)) as image:
-            fmt, (width, height) = image.format, image.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        raise BindingError("The file is not an image.", {"image": "must be a PNG, JPEG or WebP image"}) from None
-    if fmt not in UPLOAD_FORMATS:
-        raise BindingError("Unsupported image format.", {"image": "must be a PNG, JPEG or WebP image"})
-    return data, fmt, width, height
-
-
-def store_upload(user, upload):
-    data, fmt, width, height = read_image(upload)
-    row = Upload(
-        id=uuid.uuid4(),
-        owner=user,
-        original_name=(upload.name or "image")[:255],
-        content_type=UPLOAD_FORMATS[fmt],
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        width=width,
-        height=height,
-    )
-    row.file.save(row.remote_name, ContentFile(data), save=False)
-    row.save()
-    return row
+UPLOAD_OVERHEAD = 64 * 1024  # multipart boundaries and headers around the image
 
 
 def upload_json(upload):
@@ -293,9 +266,20 @@ def upload_json(upload):
 
 @api_view("POST")
 def uploads_collection(request):
+    limit = settings.COMFYHUB["MAX_UPLOAD_BYTES"]
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if length > limit + UPLOAD_OVERHEAD:
+        # Refused before the multipart body is parsed. Daphne has received it already: only a proxy's body limit
+        # stops a huge upload earlier.
+        return error(413, "too_large", "The image is too large.", {"image": f"must be at most {describe_size(limit)}"})
     upload = request.FILES.get("image") or request.FILES.get("file")
     if upload is None:
-        return error(400, "invalid", "Send the image as multipart form field 'image'.", {"image": "is required"})
+        return error(
+            400, "invalid", "Send the image as multipart form field 'image'.", {"image": "is required"}
+        )
     try:
         row = store_upload(request.user, upload)
     except BindingError as exc:

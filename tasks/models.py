@@ -1,4 +1,5 @@
 import hashlib
+import json
 import secrets
 import uuid
 
@@ -69,25 +70,29 @@ class TaskQuerySet(models.QuerySet):
 class Task(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tasks")
-    workflow = models.ForeignKey(Workflow, null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks")
+    workflow = models.ForeignKey(
+        Workflow, null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks"
+    )
     inputs = models.JSONField(default=dict, blank=True)
     graph = models.JSONField(help_text="The resolved graph sent to ComfyUI.")
     # [{"node": id, "input": name, "upload": upload id}]: images copied to the task's server before the prompt.
     image_inputs = models.JSONField(default=list, blank=True)
-    idempotency_key = models.CharField(max_length=200, null=True, blank=True)
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001  (NULL: no key, not unique)
     priority = models.IntegerField(default=0)
 
     status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
     progress = models.FloatField(default=0.0)
     # Bound before anything is sent to ComfyUI; never changed while the task is on that server.
     server = models.ForeignKey(Server, null=True, blank=True, on_delete=models.PROTECT, related_name="tasks")
-    prompt_id = models.CharField(max_length=64, null=True, blank=True)
+    prompt_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001  (NULL: not bound)
     client_id = models.CharField(max_length=64, blank=True)
     attempts = models.PositiveIntegerField(default=0)
 
     created_at = models.DateTimeField(default=timezone.now)
     submitted_at = models.DateTimeField(null=True, blank=True)
-    accepted_at = models.DateTimeField(null=True, blank=True, help_text="When the server confirmed the prompt.")
+    accepted_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the server confirmed the prompt."
+    )
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
@@ -96,6 +101,10 @@ class Task(models.Model):
     error = models.TextField(blank=True)
     error_kind = models.CharField(max_length=40, blank=True)
     error_details = models.JSONField(default=dict, blank=True)
+    # Why a queued task is not being sent anywhere (no capable server online, user limit), shown to its owner.
+    waiting_reason = models.CharField(max_length=300, blank=True)
+    # Identical graphs of one user are pinned to one server while pending: ComfyUI answers them from its cache.
+    graph_hash = models.CharField(max_length=64, blank=True, db_index=True)
 
     objects = TaskQuerySet.as_manager()
 
@@ -117,6 +126,9 @@ class Task(models.Model):
             ),
             models.Index(fields=["server", "prompt_id"], name="task_prompt_idx"),
             models.Index(fields=["owner", "-created_at"], name="task_owner_idx"),
+            # /metrics and the pool dashboard look at what started or finished in the last hours.
+            models.Index(fields=["status", "finished_at"], name="task_finished_idx"),
+            models.Index(fields=["started_at"], name="task_started_idx"),
         ]
 
     def __str__(self):
@@ -130,16 +142,58 @@ class Task(models.Model):
     def is_terminal(self):
         return self.status in TERMINAL_STATUSES
 
+    @property
+    def percent(self):
+        """Whole percent for progress bars: 100 only once the task has succeeded."""
+        if self.status == TaskStatus.SUCCEEDED:
+            return 100
+        return min(int(self.progress * 100), 99)
+
+    @property
+    def elapsed(self):
+        """Time since the task was created, or from creation to its end."""
+        return (self.finished_at or timezone.now()) - self.created_at
+
+    def queue_position(self):
+        """
+        1 for the next task the dispatcher will take; None if not queued. Dispatch takes turns between users
+        (servers/dispatch.py), so ahead of this task are: every queued task of a higher priority, this user's
+        own earlier tasks (k - 1 of them), and up to k tasks of each other user at this priority (k - 1 for
+        users who have waited less). An estimate: tasks on servers and new arrivals change the turns.
+        """
+        if self.status != TaskStatus.QUEUED:
+            return None
+        queued = Task.objects.queued()
+        higher = queued.filter(priority__gt=self.priority).count()
+        mine = queued.filter(owner_id=self.owner_id, priority=self.priority, created_at__lt=self.created_at).count()
+        rank = mine + 1
+        level = queued.filter(priority=self.priority)
+        my_oldest = level.filter(owner_id=self.owner_id).aggregate(oldest=models.Min("created_at"))["oldest"]
+        if my_oldest is None:
+            return None  # it left the queue since this object was loaded
+        others = (
+            level.exclude(owner_id=self.owner_id)
+            .values("owner_id")
+            .annotate(n=models.Count("pk"), oldest=models.Min("created_at"))
+        )
+        # In each round the user waiting longest goes first.
+        ahead = sum(min(row["n"], rank if row["oldest"] < my_oldest else rank - 1) for row in others)
+        return higher + mine + ahead + 1
+
     # --- transitions --------------------------------------------------------------------------------------
     # Each is a conditional UPDATE; a count of 0 means another worker (or another signal for the same
     # task) got there first, and the caller must treat the transition as already done by someone else.
 
-    def _transition(self, kind, allowed, to_status=None, *, match_prompt=True, message="", detail=None, **fields):
+    def _transition(
+        self, kind, allowed, to_status=None, *, match_prompt=True, message="", detail=None, when=None, **fields
+    ):
         now = timezone.now()
         changes = {"last_event_at": now, **fields}
         if to_status is not None:
             changes["status"] = to_status
         rows = Task.objects.filter(pk=self.pk, status__in=allowed)
+        if when is not None:
+            rows = rows.filter(when)
         if match_prompt:
             rows = rows.filter(prompt_id=self.prompt_id)
         old_server_id, old_prompt_id, from_status = self.server_id, self.prompt_id, self.status
@@ -162,6 +216,8 @@ class Task(models.Model):
         if won:
             from tasks.progress import emit_task_update
 
+            if self.status in TERMINAL_STATUSES:
+                transaction.on_commit(lambda: release_affinity(self))
             transaction.on_commit(lambda: emit_task_update(self))
         return won
 
@@ -181,6 +237,7 @@ class Task(models.Model):
             started_at=None,
             progress=0.0,
             attempts=F("attempts") + 1,
+            waiting_reason="",
         )
 
     def unbind(self, reason):
@@ -198,9 +255,11 @@ class Task(models.Model):
         )
 
     def mark_accepted(self, number=None):
+        # Once: the POST reply and the websocket's start race, and "running" already implies "accepted".
         return self._transition(
             "accepted",
             ON_SERVER_STATUSES,
+            when=Q(accepted_at__isnull=True),
             accepted_at=timezone.now(),
             detail={"number": number},
             message="in the server's queue",
@@ -260,9 +319,17 @@ class Task(models.Model):
             finished_at=timezone.now(),
         )
 
-    def requeue(self, reason):
-        """The server lost the task (restart): send it again, up to the attempt limit, then fail it."""
+    def requeue(self, reason, *, stale=False):
+        """
+        The server lost the task (restart) or went away with it: send it again, up to the attempt limit, then
+        fail it. With `stale`, the prompt left on the server is remembered (see move()).
+        """
+        from servers.models import StalePrompt
+
         limit = settings.COMFYHUB["MAX_ATTEMPTS"]
+        server, prompt_id = self.server, self.prompt_id
+        if stale and server is not None and prompt_id:
+            StalePrompt.objects.get_or_create(server=server, prompt_id=prompt_id, defaults={"task": self})
         if self.attempts >= limit:
             return self.mark_failed(
                 "lost", f"{reason}; gave up after {self.attempts} attempts", {"attempts": self.attempts}
@@ -281,9 +348,61 @@ class Task(models.Model):
             progress=0.0,
         )
 
+    def move(self, reason):
+        """
+        submitted (not started) → queued, away from a server that went offline: it will go to another one. The
+        prompt left behind is remembered so that it is deleted there, and its result ignored, when it comes back.
+        """
+        from servers.models import StalePrompt
+
+        if self.started_at is not None:
+            return False  # it may have run there: only requeue() (which counts the attempt) may take it away
+        server, prompt_id = self.server, self.prompt_id
+        with transaction.atomic():
+            won = self._transition(
+                "moved",
+                [TaskStatus.SUBMITTED],
+                TaskStatus.QUEUED,
+                message=reason,
+                detail={"server": server.name if server else None, "prompt_id": prompt_id},
+                server=None,
+                prompt_id=None,
+                submitted_at=None,
+                accepted_at=None,
+                progress=0.0,
+                attempts=F("attempts") - 1,
+            )
+            if won and server is not None:
+                StalePrompt.objects.get_or_create(server=server, prompt_id=prompt_id, defaults={"task": self})
+        return won
+
+    def retry(self, by=""):
+        """failed or cancelled → queued, as new: an operator's decision to run it again."""
+        return self._transition(
+            "retried",
+            [TaskStatus.FAILED, TaskStatus.CANCELLED],
+            TaskStatus.QUEUED,
+            match_prompt=False,
+            message=f"sent back to the queue{f' by {by}' if by else ''}",
+            server=None,
+            prompt_id=None,
+            submitted_at=None,
+            accepted_at=None,
+            started_at=None,
+            finished_at=None,
+            cancel_requested_at=None,
+            progress=0.0,
+            attempts=0,
+            error="",
+            error_kind="",
+            error_details={},
+        )
+
     def request_cancel(self):
         """Cancel now if still in the hub; otherwise ask the server's supervisor to remove or interrupt it."""
-        if self.status == TaskStatus.QUEUED and self.mark_cancelled("cancelled before it was sent", match_prompt=False):
+        if self.status == TaskStatus.QUEUED and self.mark_cancelled(
+            "cancelled before it was sent", match_prompt=False
+        ):
             return True
         if self.status not in ON_SERVER_STATUSES:
             return False
@@ -297,19 +416,48 @@ class Task(models.Model):
             transaction.on_commit(wake_supervisors)
         return True
 
-    def record(self, kind, message="", detail=None):
-        """Append an event that does not change the status (reconnects, reconciliations, ignored results)."""
-        Task.objects.filter(pk=self.pk).update(last_event_at=timezone.now())
+    def record(self, kind, message="", detail=None, *, server=None, prompt_id=None, touch=True):
+        """
+        Append an event that does not change the status (reconnects, reconciliations, ignored results). An event
+        about another server's copy of the task names that server and prompt, and (touch=False) is not news of
+        the task itself, so it does not make a stuck task look alive.
+        """
+        if touch:
+            Task.objects.filter(pk=self.pk).update(last_event_at=timezone.now())
         return TaskEvent.objects.create(
             task=self,
             kind=kind,
             from_status=self.status,
             to_status=self.status,
-            server_id=self.server_id,
-            prompt_id=self.prompt_id or "",
+            server_id=server.pk if server is not None else self.server_id,
+            prompt_id=prompt_id if prompt_id is not None else self.prompt_id or "",
             message=message,
             detail=detail or {},
         )
+
+
+def graph_digest(graph):
+    return hashlib.sha256(json.dumps(graph, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def affinity_keys(task):
+    """The affinity lock keys of a task: each upload it uses, and its exact graph."""
+    keys = [f"upload:{binding['upload']}" for binding in task.image_inputs]
+    if task.graph_hash:
+        keys.append(f"graph:{task.owner_id}:{task.graph_hash}")
+    return keys
+
+
+def release_affinity(task):
+    """Release the affinity locks of a finished task that no other active task of its owner still needs."""
+    from servers.models import Lock, LockPurpose
+
+    keys = set(affinity_keys(task))
+    if not keys:
+        return 0
+    for other in Task.objects.active().filter(owner_id=task.owner_id).exclude(pk=task.pk):
+        keys -= set(affinity_keys(other))
+    return Lock.objects.filter(purpose=LockPurpose.AFFINITY, key__in=keys).delete()[0]
 
 
 class TaskEvent(models.Model):
@@ -317,7 +465,7 @@ class TaskEvent(models.Model):
 
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="events")
     at = models.DateTimeField(default=timezone.now, db_index=True)
-    kind = models.CharField(max_length=40)
+    kind = models.CharField(max_length=40, db_index=True)
     from_status = models.CharField(max_length=16, blank=True)
     to_status = models.CharField(max_length=16, blank=True)
     server = models.ForeignKey(Server, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
@@ -380,7 +528,9 @@ class Upload(models.Model):
 
     @property
     def extension(self):
-        return {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}.get(self.content_type, ".png")
+        return {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}.get(
+            self.content_type, ".png"
+        )
 
     @property
     def remote_name(self):

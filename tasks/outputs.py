@@ -1,6 +1,7 @@
 """Outputs copied off a GPU server into hub storage, recorded only together with the task's success."""
 
 import hashlib
+import io
 import logging
 import mimetypes
 import os
@@ -47,3 +48,31 @@ def complete(task, files, source):
             default_storage.delete(row.file.name)
         logger.info("task %s was already finished; %s ignored", task.pk, source)
     return won
+
+
+THUMBNAIL_SIZE = (384, 384)
+
+
+def thumbnail(output):
+    """
+    Return the storage name of a small JPEG of an image output, making it on first use; None when the output is
+    not an image Pillow can read. Thumbnails can always be made again, so they are not recorded anywhere.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    name = f"thumbs/{output.task_id}/{output.pk}.jpg"
+    if default_storage.exists(name):
+        return name
+    if not output.content_type.startswith("image/"):
+        return None
+    try:
+        with output.file.open("rb") as source, Image.open(source) as image:
+            image.thumbnail(THUMBNAIL_SIZE)
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, "JPEG", quality=85)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError):
+        logger.warning("output %s of task %s is not an image Pillow can read", output.pk, output.task_id)
+        return None
+    if default_storage.exists(name):  # another request made it meanwhile
+        return name
+    return default_storage.save(name, ContentFile(buffer.getvalue()))

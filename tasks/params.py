@@ -51,13 +51,19 @@ def validate_declarations(graph, parameters):
             problems.append(f"{where} is declared twice")
         seen.add(name)
         if param.get("type") not in PARAMETER_TYPES:
-            problems.append(f"{where} has type {param.get('type')!r}; use one of {', '.join(PARAMETER_TYPES)}")
+            problems.append(
+                f"{where} has type {param.get('type')!r}; use one of {', '.join(PARAMETER_TYPES)}"
+            )
         node = graph.get(str(param.get("node")))
         if not isinstance(node, dict):
             problems.append(f"{where} points at node {param.get('node')!r}, which the graph does not have")
         elif param.get("input") not in (node.get("inputs") or {}):
-            problems.append(f"{where} points at input {param.get('input')!r}, which node {param.get('node')} lacks")
-        if param.get("type") == "choice" and not (isinstance(param.get("choices"), list) and param["choices"]):
+            problems.append(
+                f"{where} points at input {param.get('input')!r}, which node {param.get('node')} lacks"
+            )
+        if param.get("type") == "choice" and not (
+            isinstance(param.get("choices"), list) and param["choices"]
+        ):
             problems.append(f"{where} is a choice without a list of choices")
         for bound in ("min", "max"):
             if bound in param and not _is_number(param[bound]):
@@ -66,7 +72,12 @@ def validate_declarations(graph, parameters):
 
 
 def _is_number(value):
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float: JSON allows 10**400
+        return False
 
 
 def _clean(param, value):
@@ -77,10 +88,16 @@ def _clean(param, value):
             raise ValueError("must be text")
         if len(value) > param.get("max_length", MAX_TEXT):
             raise ValueError(f"must be at most {param.get('max_length', MAX_TEXT)} characters")
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
         return value
     if kind in ("int", "seed"):
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value.strip())
+        if isinstance(value, str):
+            # int() refuses some characters isdigit() accepts ("²") and more than 4,300 digits.
+            try:
+                value = int(value.strip()) if value.strip().lstrip("-").isdecimal() else value
+            except ValueError:
+                raise ValueError("must be a whole number") from None
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
@@ -96,8 +113,10 @@ def _clean(param, value):
                 raise ValueError("must be a number") from None
         if not _is_number(value):
             raise ValueError("must be a number")
+        # Check the float that lands in the graph: a large int can round past the bound when converted.
+        value = float(value)
         _check_range(value, param.get("min"), param.get("max"))
-        return float(value)
+        return value
     if kind == "choice":
         if value not in param["choices"]:
             raise ValueError(f"must be one of {', '.join(map(str, param['choices']))}")

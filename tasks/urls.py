@@ -1,11 +1,18 @@
 from django.urls import path
 
-from tasks import api
+from tasks import views
 
 urlpatterns = [
-    path("tasks", api.tasks_collection, name="api-tasks"),
-    path("tasks/<uuid:pk>", api.task_detail, name="api-task"),
-    path("tasks/<uuid:pk>/cancel", api.task_cancel, name="api-task-cancel"),
-    path("outputs/<uuid:pk>", api.output_file, name="api-output"),
-    path("uploads", api.uploads_collection, name="api-uploads"),
+    path("", views.home, name="home"),
+    path("workflows/<slug:slug>/", views.submit, name="submit"),
+    path("tasks/", views.task_list, name="task-list"),
+    path("tasks/<uuid:pk>/", views.task_detail, name="task-detail"),
+    path("tasks/<uuid:pk>/row", views.task_row, name="task-row"),
+    path("tasks/<uuid:pk>/cancel", views.task_cancel, name="task-cancel"),
+    path("tasks/<uuid:pk>/rerun", views.task_rerun, name="task-rerun"),
+    path("gallery/", views.gallery, name="gallery"),
+    path("outputs/<uuid:pk>/", views.output_file, name="output"),
+    path("outputs/<uuid:pk>/thumb", views.output_thumb, name="output-thumb"),
+    path("uploads/<uuid:pk>/", views.upload_file, name="upload"),
+    path("staff/outputs/<uuid:pk>/", views.staff_output_file, name="admin-output"),
 ]

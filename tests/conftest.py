@@ -1,11 +1,10 @@
 import asyncio
-import threading
 import time
 
 import pytest
+from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
-from django.db import connections
 from django.test import Client
 
 from servers.models import Server
@@ -113,54 +112,13 @@ def fast_settings(settings):
     return settings
 
 
-class Hub:
-    """The upstream supervisor in a background thread with its own event loop, as run_upstream runs it."""
+def Hub():
+    from servers.upstream import SupervisorThread
 
-    def __init__(self):
-        from servers.upstream import Supervisor
-
-        self.supervisor = Supervisor(tick=0.05)
-        self.supervisor.http_timeout = 5.0
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._run, name="hub", daemon=True)
-        self.failure = None
-
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self._main())
-        except BaseException as exc:  # surfaced by stop()
-            self.failure = exc
-        finally:
-            self.loop.close()
-
-    async def _main(self):
-        try:
-            await self.supervisor.run()
-        finally:
-            from asgiref.sync import sync_to_async
-
-            # The ORM ran in asgiref's worker thread: close its connections so the test database can be dropped.
-            await sync_to_async(connections.close_all)()
-
-    def start(self):
-        self.thread.start()
-        wait_for(lambda: self.supervisor.wake is not None, message="the supervisor to start")
-        return self
-
-    def stop(self):
-        wait_for(lambda: self.supervisor._stopped is not None, message="the supervisor loop")
-        self.supervisor.stop()
-        self.thread.join(timeout=15)
-        assert not self.thread.is_alive(), "the supervisor did not stop"
-        if self.failure is not None:
-            raise self.failure
-
-    def connection(self, server):
-        return self.supervisor.connections.get(server.pk)
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=15)
+    hub = SupervisorThread(tick=0.05)
+    hub.supervisor.http_timeout = 5.0
+    hub.connection = lambda server: hub.supervisor.connections.get(server.pk)
+    return hub
 
 
 @pytest.fixture
@@ -179,3 +137,20 @@ def hub(transactional_db, fast_settings):
 def media_root(settings, tmp_path):
     settings.MEDIA_ROOT = tmp_path / "media"
     return settings.MEDIA_ROOT
+
+
+async def ws_connect(application, path, user):
+    """A websocket test client on `path`, as `user`; returns (communicator, whether the handshake was accepted)."""
+    communicator = WebsocketCommunicator(application, path)
+    communicator.scope["user"] = user
+    connected, _ = await communicator.connect()
+    return communicator, connected
+
+
+async def ws_frames(communicator, wait=0.6):
+    """Every frame received within `wait` seconds (receive_nothing, unlike a timed-out receive, keeps the app)."""
+    await asyncio.sleep(wait)
+    received = []
+    while not await communicator.receive_nothing(timeout=0.05):
+        received.append(await communicator.receive_from())
+    return received

@@ -204,3 +204,18 @@ def test_events_record_the_cancel(alice_api, workflows):
     alice_api.post(f"/api/v1/tasks/{task_id}/cancel")
     kinds = list(TaskEvent.objects.filter(task_id=task_id).values_list("kind", flat=True))
     assert kinds == ["created", "cancelled"]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/tasks/not-a-uuid", "/api/v1/tasks/1/cancel", "/api/v1/nothing-here"])
+def test_unknown_api_paths_answer_json_404(client, path):
+    reply = client.get(path)
+    assert reply.status_code == 404
+    assert reply["Content-Type"] == "application/json"
+    assert reply.json()["error"]["code"] == "not_found"
+    assert client.post(path, data="{}", content_type="application/json").status_code == 404
+
+
+def test_unknown_site_paths_keep_the_html_404(client):
+    reply = client.get("/no-such-page/")
+    assert reply.status_code == 404
+    assert reply["Content-Type"].startswith("text/html")

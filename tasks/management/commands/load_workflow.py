@@ -8,7 +8,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("files", nargs="*", metavar="FILE.json")
-        parser.add_argument("--demo", action="store_true", help="Load the demo workflows shipped in workflows/")
+        parser.add_argument(
+            "--demo", action="store_true", help="Load the demo workflows shipped in workflows/"
+        )
 
     def handle(self, files, demo, **options):
         if not files and not demo:

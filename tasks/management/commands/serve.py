@@ -30,21 +30,29 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
-        parser.add_argument("--demo", action="store_true", help="Start two simulated ComfyUI servers and a demo user")
+        parser.add_argument(
+            "--demo", action="store_true", help="Start two simulated ComfyUI servers and a demo user"
+        )
         parser.add_argument(
             "--time-scale", type=float, default=1.0, help="Simulator node duration factor (1 looks real)"
         )
-        parser.add_argument("--no-supervisor", action="store_true", help="Serve only (run_upstream runs elsewhere)")
+        parser.add_argument(
+            "--no-supervisor", action="store_true", help="Serve only (run_upstream runs elsewhere)"
+        )
 
     def handle(self, host, port, demo, time_scale, no_supervisor, **options):
         call_command("migrate", interactive=False, verbosity=0)
         simulators = []
         if demo or not Server.objects.exists():
             if not demo:
-                self.stdout.write("No ComfyUI server is configured: starting two simulated ones (see add_server).")
+                self.stdout.write(
+                    "No ComfyUI server is configured: starting two simulated ones (see add_server)."
+                )
             simulators = self.start_demo(time_scale)
         application = ASGIStaticFilesHandler(get_default_application())
-        supervisor = None if no_supervisor else Supervisor()
+        # COMFYHUB_EMBEDDED_SUPERVISOR=false (the default with REDIS_URL): run_upstream processes own the servers.
+        embedded = settings.COMFYHUB["EMBEDDED_SUPERVISOR"] and not no_supervisor
+        supervisor = Supervisor() if embedded else None
 
         def ready():
             if supervisor is not None:

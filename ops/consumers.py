@@ -1,0 +1,91 @@
+"""The staff dashboard's live socket: joined to the "ops" group, it pushes the re-rendered dashboard body."""
+
+import asyncio
+import logging
+import time
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.contrib.auth import get_user_model
+from django.template.loader import render_to_string
+
+from ops.metrics import dashboard
+from tasks.progress import OPS_GROUP
+
+logger = logging.getLogger(__name__)
+
+# Seconds between frames to one dashboard. Every progress message of every task is an ops.update; nobody reads
+# a pool faster than this, and each frame costs a few aggregate queries.
+PUSH_INTERVAL = 1.0
+
+
+class OpsConsumer(AsyncWebsocketConsumer):
+    async def connect(self):
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated or not user.is_staff:
+            await self.close()  # before accept: the handshake is refused with 403
+            return
+        self.user = user
+        self.dirty_since = None
+        self.flusher = None
+        self.last_flush = None
+        await self.channel_layer.group_add(OPS_GROUP, self.channel_name)
+        await self.accept()
+        # The page may be older than this socket (a reconnect after a restart): send the pool as it is now.
+        self.mark_dirty()
+
+    async def disconnect(self, code):
+        if getattr(self, "user", None):
+            await self.channel_layer.group_discard(OPS_GROUP, self.channel_name)
+        if getattr(self, "flusher", None):
+            self.flusher.cancel()
+
+    async def receive(self, text_data=None, bytes_data=None):
+        pass  # the page sends nothing we act on
+
+    async def ops_update(self, event):
+        self.mark_dirty()
+
+    def mark_dirty(self):
+        # Coalesce: any number of updates before the next frame become that one frame.
+        if self.dirty_since is None:
+            self.dirty_since = time.monotonic()
+        if self.flusher is None or self.flusher.done():
+            self.flusher = asyncio.create_task(self.flush())
+
+    async def flush(self):
+        try:
+            while self.dirty_since is not None:
+                if self.last_flush is not None:
+                    await asyncio.sleep(max(0.0, self.last_flush + PUSH_INTERVAL - time.monotonic()))
+                since, self.dirty_since = self.dirty_since, None
+                html = await render_body(self.user.pk, since)
+                self.last_flush = time.monotonic()
+                if html is None:
+                    await self.close()  # no longer staff
+                    return
+                await self.send(text_data=html)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The page still shows the truth on its next load; a lost push must not kill the socket silently.
+            logger.exception("could not push the pool dashboard to user %s", self.user.pk)
+
+
+# The last body rendered in this process. It is the same for every staff user, so one render serves every
+# dashboard of the process that was told of a change before the render began reading the database.
+_last_render = {"started": float("-inf"), "html": ""}
+
+
+@database_sync_to_async
+def render_body(user_id, since):
+    """The dashboard body swapped out of band, or None when the user is no longer active staff."""
+    if not get_user_model().objects.filter(pk=user_id, is_active=True, is_staff=True).exists():
+        return None
+    if _last_render["started"] >= since:
+        return _last_render["html"]
+    started = time.monotonic()
+    html = render_to_string("ops/dashboard.html#ops-body", {**dashboard(), "oob": True}).strip()
+    if started > _last_render["started"]:
+        _last_render.update(started=started, html=html)
+    return html

@@ -1,0 +1,116 @@
+"""Operator endpoints: the staff pool dashboard, Prometheus metrics, and the load balancer's health probes."""
+
+import asyncio
+import hmac
+import logging
+import secrets
+
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.contrib.auth.decorators import login_not_required, login_required
+from django.db import connection
+from django.http import Http404, HttpResponse, JsonResponse
+from django.shortcuts import render
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+from django_htmx.http import reselect, reswap, retarget
+
+from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address
+from ops.metrics import CONTENT_TYPE, dashboard, exposition
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT = 2.0  # seconds each readiness check may take; a load balancer's probe usually allows a few
+
+
+@require_GET
+@login_required
+@never_cache
+def ops_dashboard(request):
+    if not request.user.is_staff:
+        raise Http404  # the page's existence is none of a normal user's business
+    context = dashboard()
+    if request.htmx:
+        # An htmx re-read (say, catching up after a reconnect) gets the body only, swapped in place: replacing
+        # the wrapper that holds /ws/ops/ would close that socket and open another.
+        response = render(request, "ops/dashboard.html#ops-body", context)
+        return reswap(retarget(reselect(response, "#ops-body"), "#ops-body"), "outerHTML")
+    return render(request, "ops/dashboard.html", context)
+
+
+def may_read_metrics(request):
+    """A staff session, or the bearer token set in COMFYHUB_METRICS_TOKEN (none when it is empty)."""
+    token = settings.COMFYHUB.get("METRICS_TOKEN", "")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if token and scheme.lower() == "bearer":
+        # Wrong tokens count against the address like wrong API tokens; once locked out even the right one is
+        # refused until the window passes, so a guesser cannot tell a hit from a refusal.
+        address = client_address(request)
+        if TOKEN_BY_ADDRESS.retry_after(address):
+            return False
+        if hmac.compare_digest(given.strip().encode(), token.encode()):
+            return True
+        TOKEN_BY_ADDRESS.fail(address)
+        return False
+    return request.user.is_authenticated and request.user.is_staff
+
+
+@require_GET
+@login_not_required
+@never_cache
+def metrics(request):
+    if not may_read_metrics(request):
+        raise Http404  # like a page that does not exist: a scanner learns nothing
+    return HttpResponse(exposition(), content_type=CONTENT_TYPE)
+
+
+@require_GET
+@login_not_required
+@never_cache
+def healthz(request):
+    """The process answers. Nothing else is checked, so a database outage does not get every process killed."""
+    return HttpResponse("ok", content_type="text/plain; charset=utf-8")
+
+
+@require_GET
+@login_not_required
+@never_cache
+async def readyz(request):
+    """Whether this process can serve: its database answers and its channel layer carries a message."""
+    database, layer = await asyncio.gather(
+        check("database", sync_to_async(ping_database)()), check("channel layer", ping_channel_layer())
+    )
+    body = {"database": database, "channel_layer": layer}
+    return JsonResponse(body, status=200 if database == layer == "ok" else 503)
+
+
+async def check(name, probe):
+    try:
+        await asyncio.wait_for(probe, timeout=READY_TIMEOUT)
+    except TimeoutError:
+        logger.warning("readiness: the %s did not answer within %.1f s", name, READY_TIMEOUT)
+        return "timeout"
+    except Exception:
+        # The reason goes to the log, not to an anonymous caller.
+        logger.warning("readiness: the %s check failed", name, exc_info=True)
+        return "error"
+    return "ok"
+
+
+def ping_database():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+
+
+async def ping_channel_layer():
+    layer = get_channel_layer()
+    if layer is None:
+        raise RuntimeError("no channel layer is configured")
+    channel = await layer.new_channel()
+    nonce = secrets.token_hex(8)
+    await layer.send(channel, {"type": "readyz.ping", "nonce": nonce})
+    message = await layer.receive(channel)
+    if message.get("nonce") != nonce:
+        raise RuntimeError(f"the channel layer returned another message: {message!r}")

@@ -1,0 +1,36 @@
+import sys
+from collections import Counter
+
+from asgiref.sync import async_to_sync
+from django.core.management.base import BaseCommand, CommandError
+
+from servers.consistency import KINDS, check
+from servers.models import Server
+
+
+class Command(BaseCommand):
+    help = (
+        "Compare the hub's tasks with each server's /queue and /history and the files in hub storage, and report "
+        "each difference by kind. --fix applies the safe repair for each. Exit code 0: nothing found; "
+        "1: something was found (fixed or not); 2: bad arguments."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--server", help="Only this server (by name)")
+        parser.add_argument("--fix", action="store_true", help="Repair what can be repaired safely")
+
+    def handle(self, server, fix, **options):
+        if server is not None and not Server.objects.filter(name=server).exists():
+            raise CommandError(f"There is no server named {server!r}.", returncode=2)
+        findings = async_to_sync(check)(server, fix)
+        for finding in findings:
+            self.stdout.write(str(finding))
+        counts = Counter(finding.kind for finding in findings)
+        if not findings:
+            self.stdout.write("Consistent: nothing found.")
+            return
+        summary = ", ".join(f"{count} {KINDS[kind]}" for kind, count in sorted(counts.items()))
+        fixed = sum(1 for f in findings if f.action and not f.action.startswith("cannot"))
+        outcome = f" Repaired {fixed}." if fix else " Nothing changed."
+        self.stdout.write(f"Found {len(findings)}: {summary}.{outcome}")
+        sys.exit(1)

@@ -1,0 +1,158 @@
+"""The database side of dispatch: what the planner is told about servers and queued tasks, and the claim."""
+
+import uuid
+from collections import defaultdict
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import F, Window
+from django.db.models.functions import RowNumber
+from django.utils import timezone
+
+from servers.dispatch import Candidate, Slot, plan, plan_naive
+from servers.models import ACCEPTING_STATES, Lock, LockPurpose, Server, upstream_key
+from tasks.models import ON_SERVER_STATUSES, Task, TaskStatus, affinity_keys
+
+
+def slots_and_load(local):
+    """
+    A Slot per enabled server (`local`: {server pk: Server} of the servers this process holds and can send to
+    now) and the number of tasks each user has on servers.
+    """
+    servers = list(Server.objects.enabled())
+    on_server = Task.objects.filter(status__in=ON_SERVER_STATUSES).values_list(
+        "server_id", "owner_id", "status", "progress"
+    )
+    per_server = defaultdict(list)
+    per_user = defaultdict(int)
+    for server_id, owner_id, status, progress in on_server:
+        per_server[server_id].append((status, progress))
+        per_user[owner_id] += 1
+    slots = []
+    for server in servers:
+        fresh = local.get(server.pk, server)
+        tasks = per_server.get(server.pk, [])
+        running = [1.0 - progress for status, progress in tasks if status == TaskStatus.RUNNING]
+        pending = sum(1 for status, _ in tasks if status != TaskStatus.RUNNING)
+        running_left = max(running, default=0.0)
+        if not running and (pending or server.foreign_queue):
+            running_left = 1.0  # something is about to start
+        slots.append(
+            Slot(
+                server_id=server.pk,
+                name=server.name,
+                weight=fresh.weight,
+                depth=fresh.effective_depth,
+                limit=max(fresh.max_in_flight, 1),
+                in_flight=len(tasks),
+                running_left=running_left,
+                backlog=sum(running) + pending + server.foreign_queue,
+                capabilities=server.capabilities,
+                local=server.pk in local,
+                accepting=(server.pk in local and not fresh.draining)
+                or (server.pk not in local and server.state in ACCEPTING_STATES and not server.draining),
+            )
+        )
+    return slots, dict(per_user)
+
+
+def candidates(horizon):
+    """The oldest `horizon` queued tasks of each user (a user's later tasks cannot go before these)."""
+    ranked = (
+        Task.objects.queued()
+        .annotate(rank=Window(RowNumber(), partition_by=[F("owner_id")], order_by=[F("created_at"), F("id")]))
+        .filter(rank__lte=horizon)
+        .only("id", "owner_id", "priority", "created_at", "graph", "image_inputs", "graph_hash", "waiting_reason")
+    )
+    tasks = list(ranked)
+    keys = {task.pk: affinity_keys(task) for task in tasks}
+    now = timezone.now()
+    pins = dict(
+        Lock.objects.filter(
+            purpose=LockPurpose.AFFINITY,
+            key__in={key for task_keys in keys.values() for key in task_keys},
+            expires_at__gt=now,
+            server__isnull=False,
+        ).values_list("key", "server_id")
+    )
+    found = []
+    for task in tasks:
+        pinned = next((pins[key] for key in keys[task.pk] if key in pins), None)
+        found.append(
+            Candidate(
+                task_id=task.pk,
+                owner_id=task.owner_id,
+                priority=task.priority,
+                created_at=task.created_at,
+                graph=task.graph,
+                pinned_server=pinned,
+                keys=tuple(keys[task.pk]),
+                extra={"waiting_reason": task.waiting_reason},
+            )
+        )
+    return found
+
+
+def make_plan(local, horizon, policy="fair", turn=0):
+    """Snapshot the pool and plan; returns (Plan, turn). Sends go to `local` servers only."""
+    slots, per_user = slots_and_load(local)
+    found = candidates(horizon)
+    if policy == "naive":
+        return plan_naive(found, slots, turn)
+    result = plan(found, slots, per_user, user_limit=settings.COMFYHUB["USER_MAX_IN_FLIGHT"] or None)
+    record_waiting(found, result)
+    return result, turn
+
+
+def record_waiting(found, result):
+    """Tell the owners of queued tasks why they wait, when that changed (and clear it when it no longer holds)."""
+    from tasks.progress import emit_task_update
+
+    sent = {candidate.task_id for candidate, _, _ in result.sends}
+    for candidate in found:
+        if candidate.task_id in sent:
+            continue
+        reason = result.waiting.get(candidate.task_id, "")
+        if reason == candidate.extra.get("waiting_reason", ""):
+            continue
+        if Task.objects.filter(pk=candidate.task_id, status=TaskStatus.QUEUED).update(waiting_reason=reason):
+            task = Task.objects.get(pk=candidate.task_id)
+            transaction.on_commit(lambda task=task: emit_task_update(task))
+
+
+def claim(task_id, server, holder=None):
+    """
+    Bind a planned task to `server`; None when another worker (or a cancel) got to it first, or when `holder`
+    (the worker's lease owner) no longer holds the server's upstream lease: a worker that was frozen past its
+    lease must not hand work to a server another worker now follows.
+    """
+    with transaction.atomic():
+        if holder is not None:
+            lease = Lock.held(LockPurpose.UPSTREAM, upstream_key(server.pk), holder)
+            if connection.vendor == "postgresql":
+                lease = lease.select_for_update()  # a takeover waits for this claim, and sees the task bound
+            if lease.first() is None:
+                return None
+        rows = Task.objects.filter(pk=task_id, status=TaskStatus.QUEUED)
+        if connection.vendor == "postgresql":
+            rows = rows.select_for_update(skip_locked=True, of=("self",))
+        task = rows.select_related("server").first()
+        if task is None:
+            return None
+        # The conditional UPDATE in bind() is the real guard on every database.
+        if not task.bind(server, str(uuid.uuid4())):
+            return None
+        pin_affinity(task, server)
+    return task
+
+
+def pin_affinity(task, server):
+    """Pin the task's uploads and exact graph to `server` while the owner's tasks that use them are pending."""
+    expires = timezone.now() + timedelta(seconds=settings.COMFYHUB["AFFINITY_SECONDS"])
+    for key in affinity_keys(task):
+        Lock.objects.update_or_create(
+            purpose=LockPurpose.AFFINITY,
+            key=key,
+            defaults={"owner": f"user:{task.owner_id}", "server": server, "expires_at": expires},
+        )

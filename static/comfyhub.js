@@ -1,0 +1,106 @@
+// Small progressive enhancements on top of htmx: live-socket state, the page title, elapsed clocks,
+// image previews. Every page works without this file.
+(function () {
+  "use strict";
+
+  var TERMINAL = ["succeeded", "failed", "cancelled"];
+
+  function setLive(connected) {
+    var live = document.getElementById("live");
+    if (!live) return;
+    live.dataset.connected = connected ? "true" : "false";
+    live.title = connected ? "Live updates: on" : "Live updates: reconnecting…";
+  }
+
+  function updateTitle() {
+    var counter = document.getElementById("running-count");
+    if (!counter) return;
+    var count = parseInt(counter.dataset.count || "0", 10);
+    counter.hidden = !count;
+    var base = document.title.replace(/^\(\d+ running\) /, "");
+    document.title = count ? "(" + count + " running) " + base : base;
+  }
+
+  function dedupeRows() {
+    // A window may already show a task whose "created" push arrives late: keep one row per id.
+    var seen = {};
+    document.querySelectorAll(".task[id^='task-']").forEach(function (row) {
+      if (seen[row.id]) row.remove();
+      else seen[row.id] = true;
+    });
+  }
+
+  function refreshDetail() {
+    var body = document.getElementById("task-detail-body");
+    if (!body) return;
+    var row = document.getElementById("task-" + body.dataset.task);
+    if (!row || row.dataset.status === body.dataset.status) return;
+    if (TERMINAL.indexOf(row.dataset.status) >= 0) {
+      body.dataset.status = row.dataset.status;
+      htmx.ajax("GET", window.location.pathname, {target: "#task-detail-body", select: "#task-detail-body", swap: "outerHTML"});
+    }
+  }
+
+  function formatDuration(seconds) {
+    seconds = Math.max(0, Math.floor(seconds));
+    var h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60), s = seconds % 60;
+    var pad = function (n) { return (n < 10 ? "0" : "") + n; };
+    if (h) return h + "h " + pad(m) + "m";
+    if (m) return m + "m " + pad(s) + "s";
+    return s + "s";
+  }
+
+  function tick() {
+    var now = Date.now() / 1000;
+    document.querySelectorAll("time.elapsed[data-start]:not([data-end])").forEach(function (el) {
+      el.textContent = formatDuration(now - parseFloat(el.dataset.start));
+    });
+  }
+
+  function catchUp() {
+    // Pushes sent before this socket was open (or while it was down) are not replayed: read the live parts
+    // of the page again from the database. Forms are left alone so that nothing typed is lost.
+    var list = document.getElementById("task-list");
+    if (list) {
+      htmx.ajax("GET", window.location.href, {target: "#task-list", select: "#task-list", swap: "outerHTML"});
+    }
+    document.querySelectorAll(".task[id^='task-']").forEach(function (row) {
+      if (list && list.contains(row)) return;
+      htmx.ajax("GET", "/tasks/" + row.id.slice(5) + "/row", {target: "#" + row.id, swap: "outerHTML"});
+    });
+  }
+
+  document.addEventListener("htmx:wsOpen", function () {
+    catchUp();
+    setLive(true);
+  });
+  document.addEventListener("htmx:afterSettle", function () {
+    dedupeRows();
+    refreshDetail();
+  });
+  document.addEventListener("htmx:wsClose", function () { setLive(false); });
+  document.addEventListener("htmx:wsAfterMessage", function () {
+    dedupeRows();
+    updateTitle();
+    refreshDetail();
+  });
+
+  document.addEventListener("change", function (event) {
+    var input = event.target;
+    if (!input.matches || !input.matches("input[type=file][data-preview]")) return;
+    var preview = document.getElementById(input.dataset.preview);
+    if (!preview) return;
+    if (input.files && input.files[0]) {
+      preview.src = URL.createObjectURL(input.files[0]);
+      preview.hidden = false;
+    } else {
+      preview.hidden = true;
+    }
+  });
+
+  document.addEventListener("DOMContentLoaded", function () {
+    updateTitle();
+    tick();
+    setInterval(tick, 1000);
+  });
+})();

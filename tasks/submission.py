@@ -1,0 +1,170 @@
+"""Creating tasks and storing uploads: the one path shared by the JSON API and the browser pages."""
+
+import hashlib
+import io
+import uuid
+
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.db import IntegrityError, transaction
+from PIL import Image, UnidentifiedImageError
+
+from servers.upstream import wake_supervisors
+from tasks.models import Task, TaskEvent, TaskStatus, Upload, Workflow, graph_digest
+from tasks.params import BindingError, bind
+from tasks.progress import emit_task_update
+
+UPLOAD_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+PRIORITY_LIMIT = 1_000_000
+
+
+def user_tasks(user):
+    return Task.objects.filter(owner=user).select_related("workflow", "server").prefetch_related("outputs")
+
+
+def validate_graph(graph):
+    if not isinstance(graph, dict) or not graph:
+        return "prompt must be a non-empty object of nodes in ComfyUI's API format"
+    for node_id, node in graph.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            return f"node {node_id} needs a class_type"
+        if not isinstance(node.get("inputs", {}), dict):
+            return f"node {node_id} has inputs that are not an object"
+    return None
+
+
+class QuotaExceeded(Exception):
+    """The user already has as many tasks waiting as one user may."""
+
+
+def check_quota(user):
+    limit = settings.COMFYHUB["USER_MAX_QUEUED"]
+    waiting = Task.objects.filter(owner=user, status=TaskStatus.QUEUED).count()
+    if waiting >= limit:
+        raise QuotaExceeded(
+            f"You already have {waiting} tasks waiting, the most one user may have; "
+            "submit more when some have started."
+        )
+
+
+def create_task(user, body):
+    """Validate a submission and create its task; returns (task, created) or raises BindingError / PermissionError."""
+    allowed = {"workflow", "inputs", "prompt", "idempotency_key", "priority"}
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise BindingError("Unknown fields.", dict.fromkeys(unknown, "is not a field of a task"))
+    key = body.get("idempotency_key")
+    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
+        raise BindingError(
+            "Invalid idempotency_key.", {"idempotency_key": "must be a string of 1 to 200 characters"}
+        )
+    if key is not None:
+        existing = user_tasks(user).filter(idempotency_key=key).first()
+        if existing is not None:
+            return existing, False
+    priority = body.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise BindingError("Invalid priority.", {"priority": "must be a whole number"})
+    if not -PRIORITY_LIMIT <= priority <= PRIORITY_LIMIT:
+        # The column is a 32-bit integer: a larger number would be a database error, not an answer.
+        raise BindingError(
+            "Invalid priority.", {"priority": f"must be between {-PRIORITY_LIMIT} and {PRIORITY_LIMIT}"}
+        )
+    if priority > 0 and not user.is_staff:
+        raise PermissionError("Only staff may raise a task's priority.")
+    check_quota(user)
+    has_workflow, has_prompt = body.get("workflow") is not None, body.get("prompt") is not None
+    if has_workflow == has_prompt:
+        raise BindingError(
+            "Send either a workflow with inputs or a prompt graph.", {"workflow": "or prompt is required"}
+        )
+    workflow, inputs, images = None, {}, []
+    if has_workflow:
+        slug = body["workflow"]
+        workflow = Workflow.objects.filter(slug=slug, enabled=True).first() if isinstance(slug, str) else None
+        if workflow is None:
+            raise BindingError("Unknown workflow.", {"workflow": f"there is no workflow {slug!r}"})
+        graph, inputs, images = bind(
+            workflow.graph,
+            workflow.parameters,
+            body.get("inputs") or {},
+            lambda pk: Upload.objects.filter(owner=user, pk=pk).first(),
+        )
+    else:
+        if not user.has_perm("tasks.submit_raw_graph"):
+            raise PermissionError("You may not submit raw graphs; pick a workflow.")
+        graph = body["prompt"]
+        problem = validate_graph(graph)
+        if problem:
+            raise BindingError("The prompt is not a ComfyUI graph.", {"prompt": problem})
+        if body.get("inputs"):
+            raise BindingError("Inputs only apply to a workflow.", {"inputs": "only with a workflow"})
+    try:
+        with transaction.atomic():
+            task = Task.objects.create(
+                owner=user,
+                workflow=workflow,
+                inputs=inputs,
+                graph=graph,
+                image_inputs=images,
+                graph_hash=graph_digest(graph),
+                idempotency_key=key,
+                priority=priority,
+            )
+            TaskEvent.objects.create(task=task, kind="created", to_status=TaskStatus.QUEUED)
+            transaction.on_commit(wake_supervisors)
+            # Every open window of the owner inserts the new task's row.
+            transaction.on_commit(lambda: emit_task_update(task, created=True))
+    except IntegrityError:
+        # The same idempotency key arrived twice at once: the other request created the task.
+        return user_tasks(user).get(idempotency_key=key), False
+    return task, True
+
+
+def describe_size(size):
+    for unit, factor in (("MiB", 1024 * 1024), ("KiB", 1024)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} bytes"
+
+
+def read_image(upload):
+    """Return (bytes, format, width, height) of an uploaded image, or raise BindingError."""
+    limit = settings.COMFYHUB["MAX_UPLOAD_BYTES"]
+    if upload.size > limit:
+        raise BindingError("The image is too large.", {"image": f"must be at most {describe_size(limit)}"})
+    data = upload.read()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        with Image.open(io.BytesIO(data)) as image:
+            fmt, (width, height) = image.format, image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise BindingError(
+            "The file is not an image.", {"image": "must be a PNG, JPEG or WebP image"}
+        ) from None
+    if fmt not in UPLOAD_FORMATS:
+        raise BindingError("Unsupported image format.", {"image": "must be a PNG, JPEG or WebP image"})
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        # A few kilobytes of PNG can claim gigabytes of pixels; ComfyUI would decode them all.
+        raise BindingError(
+            "The image has too many pixels.", {"image": f"must have at most {Image.MAX_IMAGE_PIXELS:,} pixels"}
+        )
+    return data, fmt, width, height
+
+
+def store_upload(user, upload):
+    data, fmt, width, height = read_image(upload)
+    row = Upload(
+        id=uuid.uuid4(),
+        owner=user,
+        original_name=(upload.name or "image")[:255],
+        content_type=UPLOAD_FORMATS[fmt],
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        width=width,
+        height=height,
+    )
+    row.file.save(row.remote_name, ContentFile(data), save=False)
+    row.save()
+    return row

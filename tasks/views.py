@@ -1,0 +1,311 @@
+"""The browser pages: pick a workflow, submit, follow tasks live, look at results. Each works without JavaScript."""
+
+import re
+import secrets
+import uuid
+from urllib.parse import urlsplit
+
+from django.contrib import messages
+from django.contrib.admin.views.decorators import staff_member_required
+from django.contrib.auth.decorators import login_required
+from django.core.files.storage import default_storage
+from django.core.paginator import Paginator
+from django.http import FileResponse, Http404
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from tasks import outputs
+from tasks.forms import WorkflowForm
+from tasks.models import ACTIVE_STATUSES, TaskOutput, TaskStatus, Upload, Workflow
+from tasks.params import BindingError
+from tasks.submission import QuotaExceeded, create_task, user_tasks
+
+STATUS_FILTERS = ["active", *TaskStatus.values]
+PAGE_SIZE = 50
+
+
+def get_task_for_user(user, pk):
+    """The one ownership check of the pages: another user's task is a 404, like one that does not exist."""
+    return get_object_or_404(user_tasks(user), pk=pk)
+
+
+# --- What a user may see of an error -------------------------------------------------------------------------
+# Errors come from ComfyUI and from the hub's HTTP client: they may hold a server's address and a Python traceback.
+# Users never see either (browsers never learn a ComfyUI URL); staff read them raw in the admin.
+
+URL_PATTERN = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+IPV4_PATTERN = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d{1,5})?\b")
+IPV6_PATTERN = re.compile(r"\[[0-9a-fA-F]*:[0-9a-fA-F]*:[0-9a-fA-F:.]*\](?::\d{1,5})?")
+TRACEBACK_PATTERN = re.compile(r"Traceback \(most recent call last\)|File \"[^\"\n]*\", line \d+")
+HIDDEN_KEYS = ("traceback", "current_inputs", "current_outputs")
+HIDDEN = "[hidden]"
+SERVER = "[server]"
+
+
+def server_hosts(*servers):
+    """Host names (and host:port) of servers, to be hidden from users wherever they appear in a message."""
+    hosts = set()
+    for server in servers:
+        if server is None:
+            continue
+        parts = urlsplit(server.base_url)
+        # A host named like the server (gpu-1) hides nothing: the server's name is shown anyway.
+        hosts.update(host for host in (parts.netloc, parts.hostname) if host and host != server.name)
+    return sorted(hosts, key=len, reverse=True)
+
+
+def public_text(text, hosts=()):
+    """`text` without tracebacks, URLs, IP addresses and the given host names."""
+    if not isinstance(text, str) or not text:
+        return text
+    found = TRACEBACK_PATTERN.search(text)
+    if found:
+        text = f"{text[: found.start()].rstrip()} {HIDDEN}".strip()
+    text = URL_PATTERN.sub(SERVER, text)
+    text = IPV6_PATTERN.sub(SERVER, text)
+    text = IPV4_PATTERN.sub(SERVER, text)
+    for host in hosts:
+        text = re.sub(rf"(?<![\w.-]){re.escape(host)}(?![\w-])", SERVER, text)
+    return text
+
+
+def public_details(details, hosts=(), depth=0):
+    """Error details without tracebacks, a node's live inputs and outputs, and addresses in any text."""
+    if depth > 16:
+        return HIDDEN
+    if isinstance(details, dict):
+        return {
+            key: public_details(value, hosts, depth + 1)
+            for key, value in details.items()
+            if not any(word in str(key).lower() for word in HIDDEN_KEYS)
+        }
+    if isinstance(details, list):
+        return [public_details(value, hosts, depth + 1) for value in details]
+    return public_text(details, hosts)
+
+
+def for_display(task, viewer=None):
+    """The task with its error message fit for `viewer` (None: any user). Only for rendering: never save it."""
+    if viewer is None or not viewer.is_staff:
+        task.error = public_text(task.error, server_hosts(task.server))
+    return task
+
+
+def row_context(task, viewer=None, **extra):
+    return {"task": for_display(task, viewer), "position": task.queue_position(), **extra}
+
+
+@require_GET
+@login_required
+def home(request):
+    workflows = Workflow.objects.filter(enabled=True)
+    recent = [for_display(task, request.user) for task in user_tasks(request.user)[:5]]
+    return render(request, "tasks/home.html", {"workflows": workflows, "recent": recent})
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+def submit(request, slug):
+    workflow = get_object_or_404(Workflow, slug=slug, enabled=True)
+    initial = {}
+    source = request.GET.get("from")
+    if source:
+        # "Edit and run again": start from one of the user's own earlier tasks.
+        try:
+            earlier = user_tasks(request.user).filter(pk=uuid.UUID(source), workflow=workflow).first()
+        except ValueError:
+            earlier = None  # a malformed id is simply no earlier task
+        if earlier is not None:
+            initial = {name: value for name, value in earlier.inputs.items() if not _is_image(workflow, name)}
+            initial.update({f"{name}_random": False for name in initial if _is_seed(workflow, name)})
+    form = WorkflowForm(workflow, request.POST or None, request.FILES or None, initial=initial)
+    if request.method == "POST" and form.is_valid():
+        task = form.submit(request.user)
+        if task is not None:
+            return redirect("task-detail", pk=task.pk)
+    status = 400 if request.method == "POST" else 200
+    return render(request, "tasks/submit.html", {"workflow": workflow, "form": form}, status=status)
+
+
+def _is_image(workflow, name):
+    return any(p["name"] == name and p["type"] == "image" for p in workflow.parameters)
+
+
+def _is_seed(workflow, name):
+    return any(p["name"] == name and p["type"] == "seed" for p in workflow.parameters)
+
+
+@require_GET
+@login_required
+def task_list(request):
+    tasks = user_tasks(request.user)
+    status = request.GET.get("status", "")
+    if status == "active":
+        tasks = tasks.filter(status__in=ACTIVE_STATUSES)
+    elif status:
+        if status not in TaskStatus.values:
+            messages.error(request, f"There is no status “{status}”; showing all tasks.")
+            status = ""
+        else:
+            tasks = tasks.filter(status=status)
+    page = Paginator(tasks, PAGE_SIZE).get_page(request.GET.get("page"))
+    rows = [row_context(task, request.user) for task in page.object_list]
+    context = {"page": page, "rows": rows, "status": status, "filters": STATUS_FILTERS}
+    return render(request, "tasks/task_list.html", context)
+
+
+@require_GET
+@login_required
+def task_detail(request, pk):
+    task = get_task_for_user(request.user, pk)
+    events = list(task.events.select_related("server"))
+    if not request.user.is_staff:
+        # Only for rendering: none of these instances is saved.
+        hosts = server_hosts(task.server, *(event.server for event in events))
+        task.error_details = public_details(task.error_details, hosts)
+        for event in events:
+            event.message = public_text(event.message, hosts)
+    context = {
+        **row_context(task, request.user),
+        "events": events,
+        "outputs": [(output, output.content_type.startswith("image/")) for output in task.outputs.all()],
+        "parameters": _parameters(task),
+        "has_seed": task.workflow is not None and any(p["type"] == "seed" for p in task.workflow.parameters),
+    }
+    return render(request, "tasks/task_detail.html", context)
+
+
+def _parameters(task):
+    """(label, value) of each input the task was run with, in the workflow's order."""
+    if task.workflow is None:
+        return [("graph", f"{len(task.graph)} nodes, submitted as a raw graph")]
+    labels = {p["name"]: p.get("label") or p["name"] for p in task.workflow.parameters}
+    uploads = {}
+    image_ids = [value for name, value in task.inputs.items() if _is_image(task.workflow, name)]
+    if image_ids:
+        uploads = {str(u.pk): u for u in Upload.objects.filter(owner=task.owner, pk__in=image_ids)}
+    return [
+        (labels.get(name, name), uploads.get(str(value), value)) for name, value in task.inputs.items()
+    ]
+
+
+@require_GET
+@login_required
+def task_row(request, pk):
+    """One task's row: what htmx polls or swaps when it needs a single task again."""
+    task = get_task_for_user(request.user, pk)
+    return render(request, "tasks/task_list.html#task-row", row_context(task, request.user))
+
+
+@require_POST
+@login_required
+def task_cancel(request, pk):
+    task = get_task_for_user(request.user, pk)
+    if task.request_cancel():
+        task.refresh_from_db()
+        if not request.htmx:
+            messages.success(request, "Cancelled." if task.is_terminal else "Cancelling: the server is stopping it.")
+    elif not request.htmx:
+        messages.error(request, f"This task is already {task.status}; there is nothing to cancel.")
+    if request.htmx:
+        return render(request, "tasks/task_list.html#task-row", row_context(task, request.user))
+    return redirect(_back(request, reverse("task-detail", args=[task.pk])))
+
+
+def _back(request, default):
+    target = request.POST.get("next") or ""
+    if url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()}, require_https=request.is_secure()):
+        return target
+    return default
+
+
+@require_POST
+@login_required
+def task_rerun(request, pk):
+    """Run a task again with the same inputs, or with a new seed."""
+    task = get_task_for_user(request.user, pk)
+    if task.workflow is None:
+        body = {"prompt": task.graph}
+    elif not task.workflow.enabled:
+        messages.error(request, f"The workflow “{task.workflow.name}” is switched off; it cannot run again.")
+        return redirect("task-detail", pk=task.pk)
+    else:
+        inputs = dict(task.inputs)
+        if request.POST.get("new_seed"):
+            for param in task.workflow.parameters:
+                if param["type"] == "seed":
+                    inputs[param["name"]] = secrets.randbelow(2**48)
+        body = {"workflow": task.workflow.slug, "inputs": inputs}
+    try:
+        new_task, _ = create_task(request.user, body)
+    except (BindingError, PermissionError, QuotaExceeded) as exc:
+        messages.error(request, f"Could not run it again: {getattr(exc, 'message', exc)}")
+        return redirect("task-detail", pk=task.pk)
+    return redirect("task-detail", pk=new_task.pk)
+
+
+@require_GET
+@login_required
+def gallery(request):
+    images = (
+        TaskOutput.objects.filter(task__owner=request.user, content_type__startswith="image/")
+        .select_related("task", "task__workflow")
+        .order_by("-created_at")
+    )
+    page = Paginator(images, 60).get_page(request.GET.get("page"))
+    return render(request, "tasks/gallery.html", {"page": page})
+
+
+def _own_output(user, pk):
+    return get_object_or_404(TaskOutput.objects.filter(task__owner=user), pk=pk)
+
+
+def _file_response(request, file, content_type, filename):
+    response = FileResponse(
+        file, content_type=content_type, as_attachment=request.GET.get("download") == "1", filename=filename
+    )
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+@require_GET
+@login_required
+def output_file(request, pk):
+    output = _own_output(request.user, pk)
+    try:
+        file = output.file.open("rb")
+    except FileNotFoundError:
+        raise Http404("The file of this output is missing from storage.") from None
+    return _file_response(request, file, output.content_type, output.filename)
+
+
+@require_GET
+@login_required
+def output_thumb(request, pk):
+    output = _own_output(request.user, pk)
+    name = outputs.thumbnail(output) if output.file else None
+    if name is None:
+        raise Http404("This output has no preview.")
+    return _file_response(request, default_storage.open(name, "rb"), "image/jpeg", f"{output.pk}-thumb.jpg")
+
+
+@require_GET
+@staff_member_required
+def staff_output_file(request, pk):
+    """Any output, for staff in the admin (the ownership check is the staff check here)."""
+    output = get_object_or_404(TaskOutput, pk=pk)
+    try:
+        file = output.file.open("rb")
+    except FileNotFoundError:
+        raise Http404("The file of this output is missing from storage.") from None
+    return _file_response(request, file, output.content_type, output.filename)
+
+
+@require_GET
+@login_required
+def upload_file(request, pk):
+    upload = get_object_or_404(Upload.objects.filter(owner=request.user), pk=pk)
+    return _file_response(request, upload.file.open("rb"), upload.content_type, upload.original_name)

@@ -1,0 +1,109 @@
+"""
+The JSON API against its own OpenAPI document, by schemathesis in-process (WSGI): no request it generates gets a
+5xx, and every answer has a documented status, content type and body.
+"""
+
+import io
+import json
+import re
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import schemathesis
+from django.urls import Resolver404, resolve
+from hypothesis import HealthCheck, settings
+from PIL import Image
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from werkzeug.test import Client
+
+from comfyhub.wsgi import application
+from servers.models import Server
+from tasks import outputs
+from tasks.models import ApiToken, Task, TaskStatus
+from tasks.workflows import load_demo_workflows
+from tests.conftest import make_user
+
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+
+
+@pytest.fixture
+def bearer(transactional_db):
+    load_demo_workflows()
+    _, token = ApiToken.issue(make_user("fuzzer"))
+    return {"Authorization": f"Bearer {token}"}
+
+
+# Read from the app itself: the document under test is the one it serves (the view needs no database).
+schema = schemathesis.openapi.from_wsgi("/api/v1/openapi.json", application)
+
+
+@pytest.mark.django_db(transaction=True)
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@schema.parametrize()
+def test_the_api_answers_every_generated_request_as_documented(case, bearer):
+    response = case.call(headers=bearer)
+    if not routable(response.request.url):
+        # A path parameter that is not a UUID ("/api/v1/tasks/null,null") never reaches the API: Django's URL
+        # resolver answers its own 404 page before any view could answer JSON.
+        assert response.status_code == 404
+        return
+    case.validate_response(response, checks=CHECKS, headers=bearer)
+
+
+def routable(url):
+    try:
+        resolve(unquote(urlsplit(url).path))
+    except Resolver404:
+        return False
+    return True
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_answers_random_ids_never_reach_match_the_document(bearer):
+    """Outputs, a failed task's error, cancel and its 409, an upload: real objects, checked against the document."""
+    client = Client(application)
+
+    def answer(method, path, status, **kwargs):
+        response = client.open(path, method=method, headers=bearer, **kwargs)
+        assert response.status_code == status, response.get_data(as_text=True)
+        schema[template(path)][method].validate_response(response)
+        return response
+
+    def template(path):
+        return re.sub(r"/[0-9a-f-]{36}", "/{id}", urlsplit(path).path)
+
+    body = json.dumps({"workflow": "txt2img", "inputs": {"prompt": "a red fox in snow"}})
+    created = [
+        answer("POST", "/api/v1/tasks", 201, data=body, content_type="application/json").get_json()["id"]
+        for _ in range(3)
+    ]
+    answer("POST", f"/api/v1/tasks/{created[0]}/cancel", 200)
+    answer("POST", f"/api/v1/tasks/{created[0]}/cancel", 409)
+
+    server = Server.objects.create(name="fuzz", base_url="http://127.0.0.1:9")
+    Task.objects.filter(pk__in=created[1:]).update(status=TaskStatus.RUNNING, server=server, prompt_id="p")
+    finished = Task.objects.get(pk=created[1])
+    assert outputs.complete(finished, [("9", "fox.png", "image/png", png())], "test")
+    failed = Task.objects.get(pk=created[2])
+    assert failed.mark_failed("node_error", "KSampler (node 3) failed: out of memory", {"node_id": "3"})
+
+    for task_id in created:
+        answer("GET", f"/api/v1/tasks/{task_id}", 200)
+    listed = answer("GET", "/api/v1/tasks?limit=10", 200).get_json()
+    assert listed["count"] == 3
+    (output,) = answer("GET", f"/api/v1/tasks/{created[1]}", 200).get_json()["outputs"]
+    assert answer("GET", output["url"], 200).get_data() == png()
+    answer("GET", output["url"] + "?download=1", 200)
+    answer("POST", "/api/v1/uploads", 201, data={"image": (io.BytesIO(png()), "fox.png")})
+    answer("GET", "/api/v1/openapi.json", 200)
+
+
+def png():
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), "orange").save(buffer, "PNG")
+    return buffer.getvalue()

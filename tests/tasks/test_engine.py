@@ -1,0 +1,307 @@
+"""The task engine end to end against the built-in ComfyUI simulator: no mocks inside the client."""
+
+import asyncio
+import hashlib
+import uuid
+
+import httpx
+import pytest
+
+from servers.comfy import ComfyClient
+from servers.models import Server, ServerState
+from tasks.models import Task, TaskEvent, TaskStatus
+from tests.conftest import wait_for
+from tests.tasks.test_api import png_bytes, upload
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def finished(task_id, timeout=20):
+    def done():
+        task = Task.objects.get(pk=task_id)
+        return task if task.is_terminal else None
+
+    return wait_for(done, timeout=timeout, message=f"task {task_id} to finish")
+
+
+def status_of(task_id):
+    return Task.objects.get(pk=task_id).status
+
+
+def run_and_hold(api, simulator, color):
+    """Submit a slow task, wait until it runs, then freeze the simulator's worker so that it stays running."""
+    simulator.set_time_scale(1.0)
+    task_id = api.submit("blur-sharpen", {"color": color}).json()["id"]
+    wait_for(lambda: status_of(task_id) == "running", message="the task to run")
+    simulator.stall()
+    simulator.set_time_scale(0.01)
+    return task_id
+
+
+def server_file(simulator, filename, subfolder="", kind="output"):
+    reply = httpx.get(
+        f"{simulator.url}/view",
+        params={"filename": filename, "subfolder": subfolder, "type": kind},
+        timeout=5,
+    )
+    reply.raise_for_status()
+    return reply.content
+
+
+def test_a_task_runs_to_completion_with_its_outputs_stored(alice_api, workflows, server, simulator, hub):
+    reply = alice_api.submit("invert", {"color": 4321})
+    task = finished(reply.json()["id"])
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert task.progress == 1.0
+    assert task.server == server
+    assert task.prompt_id and task.attempts == 1
+    assert task.submitted_at <= task.started_at <= task.finished_at
+    body = alice_api.task(task.pk)
+    assert body["status"] == "succeeded" and body["server"] == "gpu-a"
+    [output] = body["outputs"]
+    assert output["filename"].startswith("invert_") and output["content_type"] == "image/png"
+    download = alice_api.get(output["url"])
+    content = b"".join(download.streaming_content)
+    # Byte-identical to what the task's own server produced.
+    assert content == server_file(simulator, output["filename"])
+    assert hashlib.sha256(content).hexdigest() == output["sha256"] and len(content) == output["size"]
+    kinds = list(task.events.values_list("kind", flat=True))
+    assert kinds[:2] == ["created", "submitted"]
+    # The POST reply ("accepted") and the websocket's start ("running") race; running implies accepted.
+    assert kinds[2] in ("accepted", "running") and "running" in kinds
+    assert kinds[-1] == "succeeded"
+    assert simulator.sim.executed_prompt_ids.count(task.prompt_id) == 1
+
+
+def test_a_fully_cached_rerun_still_succeeds_with_outputs(alice_api, workflows, server, simulator, hub):
+    first = finished(alice_api.submit("invert", {"color": 77}).json()["id"])
+    second = finished(alice_api.submit("invert", {"color": 77}).json()["id"])
+    assert second.status == TaskStatus.SUCCEEDED, second.error
+    assert second.progress == 1.0
+    [a], [b] = first.outputs.all(), second.outputs.all()
+    assert a.filename == b.filename and a.sha256 == b.sha256
+
+
+def test_a_validation_error_fails_the_task_with_comfyuis_message(admin_api, server, simulator, hub):
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": -5, "height": 8, "batch_size": 1, "color": 3}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+    }
+    task = finished(admin_api.post("/api/v1/tasks", {"prompt": graph}).json()["id"])
+    assert task.status == TaskStatus.FAILED
+    assert task.error_kind == "rejected"
+    assert "Value -5 smaller than min of 1" in task.error
+    assert task.error_details["node_errors"]["1"]["class_type"] == "EmptyImage"
+    running, pending = simulator.call(simulator.sim.queue_snapshot)
+    assert running == [] and pending == []
+
+
+def test_a_runtime_node_error_is_stored_with_the_node(admin_api, server, simulator, hub):
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 3}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "../escape"}},
+    }
+    task = finished(admin_api.post("/api/v1/tasks", {"prompt": graph}).json()["id"])
+    assert task.status == TaskStatus.FAILED
+    assert task.error_kind == "node_error"
+    assert task.error_details["node_id"] == "3"
+    assert task.error_details["node_type"] == "SaveImage"
+    assert "Saving image outside the output folder is not allowed" in task.error
+    assert task.outputs.count() == 0
+
+
+def test_cancel_while_queued_on_the_server(alice_api, workflows, server, simulator, hub):
+    running_id = run_and_hold(alice_api, simulator, 1)
+    waiting_id = alice_api.submit("fast", {"color": 2}).json()["id"]
+    wait_for(lambda: Task.objects.get(pk=waiting_id).accepted_at, message="second task in the server queue")
+    reply = alice_api.post(f"/api/v1/tasks/{waiting_id}/cancel")
+    assert reply.status_code == 200
+    task = finished(waiting_id)
+    assert task.status == TaskStatus.CANCELLED
+    _, pending = simulator.call(simulator.sim.queue_snapshot)
+    assert all(item[1] != task.prompt_id for item in pending)
+    simulator.unstall()
+    assert finished(running_id).status == TaskStatus.SUCCEEDED
+
+
+def test_cancel_while_running_interrupts_it(alice_api, workflows, server, simulator, hub):
+    simulator.set_time_scale(1.0)
+    task_id = alice_api.submit("txt2img", {"steps": 60}).json()["id"]
+    wait_for(lambda: Task.objects.get(pk=task_id).progress > 0.3, message="the sampler to make progress")
+    alice_api.post(f"/api/v1/tasks/{task_id}/cancel")
+    task = finished(task_id)
+    assert task.status == TaskStatus.CANCELLED
+    assert task.progress < 1.0
+    assert task.outputs.count() == 0
+
+
+def test_progress_moves_and_reaches_one_only_at_completion(alice_api, workflows, server, simulator, hub):
+    simulator.set_time_scale(0.3)
+    task_id = alice_api.submit("txt2img", {"steps": 30}).json()["id"]
+    seen = []
+
+    def sample():
+        task = Task.objects.get(pk=task_id)
+        seen.append(task.progress)
+        return task.is_terminal
+
+    wait_for(sample, timeout=30, interval=0.01, message="the task to finish")
+    during = [p for p in seen[:-1] if 0 < p < 1]
+    assert len(set(during)) >= 3, seen
+    assert during == sorted(during)
+    assert max(seen[:-1]) < 1.0
+    assert seen[-1] == 1.0
+
+
+def test_a_dropped_socket_mid_task_still_completes(alice_api, workflows, server, simulator, hub):
+    simulator.set_time_scale(0.5)
+    task_id = alice_api.submit("txt2img", {"steps": 20}).json()["id"]
+    wait_for(lambda: status_of(task_id) == "running", message="the task to run")
+    simulator.drop_sockets()
+    task = finished(task_id, timeout=30)
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert task.outputs.count() == 1
+    assert task.events.filter(kind="succeeded").count() == 1
+
+
+def test_completion_is_found_by_reconciliation_when_the_socket_was_down(
+    alice_api, workflows, server, simulator, hub
+):
+    task_id = run_and_hold(alice_api, simulator, 9)
+    # The job ends while the hub is reconnecting: its end messages are never replayed.
+    simulator.drop_sockets()
+    simulator.unstall()
+    task = finished(task_id, timeout=30)
+    assert task.status == TaskStatus.SUCCEEDED
+    assert task.outputs.count() == 1
+
+
+def test_a_restarted_server_loses_the_task_and_it_is_requeued(alice_api, workflows, server, simulator, hub):
+    task_id = run_and_hold(alice_api, simulator, 11)
+    old_prompt = Task.objects.get(pk=task_id).prompt_id
+    simulator.unstall()
+    simulator.restart(down_for=0.3)
+    task = finished(task_id, timeout=30)
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert task.attempts == 2
+    assert task.prompt_id != old_prompt
+    requeued = task.events.get(kind="requeued")
+    assert "lost" in requeued.message and requeued.prompt_id == old_prompt
+
+
+def test_a_task_lost_too_often_fails_with_a_reason(alice_api, workflows, server, simulator, hub, settings):
+    settings.COMFYHUB = {**settings.COMFYHUB, "MAX_ATTEMPTS": 1}
+    task_id = run_and_hold(alice_api, simulator, 12)
+    simulator.restart(down_for=0.2)
+    task = finished(task_id, timeout=30)
+    assert task.status == TaskStatus.FAILED
+    assert task.error_kind == "lost"
+    assert "gave up after 1 attempts" in task.error
+
+
+def test_a_lost_post_reply_is_resolved_without_a_second_run(
+    alice, workflows, server, simulator, fast_settings
+):
+    # The hub bound the task and sent the prompt, then died before recording the reply.
+    task = Task.objects.create(owner=alice, workflow=workflows["fast"], graph=workflows["fast"].graph)
+    prompt_id = str(uuid.uuid4())
+    assert task.bind(server, prompt_id)
+
+    async def post():
+        async with ComfyClient(server.url) as client:
+            await client.submit(task.graph, prompt_id, server.client_id)
+
+    asyncio.run(post())
+
+    async def in_history():
+        async with ComfyClient(server.url) as client:
+            return await client.history(prompt_id)
+
+    wait_for(lambda: asyncio.run(in_history()), message="the job to finish on the server")
+    from tests.conftest import Hub
+
+    hub = Hub().start()
+    try:
+        task = finished(task.pk)
+    finally:
+        hub.stop()
+    assert task.status == TaskStatus.SUCCEEDED
+    assert task.prompt_id == prompt_id and task.attempts == 1
+    assert simulator.sim.executed_prompt_ids.count(prompt_id) == 1
+    assert "history" in task.events.get(kind="succeeded").message
+
+
+def test_a_bound_task_that_never_reached_the_server_is_sent_once(
+    alice, workflows, server, simulator, fast_settings
+):
+    # The hub died between recording the binding and sending the POST.
+    task = Task.objects.create(owner=alice, workflow=workflows["fast"], graph=workflows["fast"].graph)
+    prompt_id = str(uuid.uuid4())
+    assert task.bind(server, prompt_id)
+    from tests.conftest import Hub
+
+    hub = Hub().start()
+    try:
+        task = finished(task.pk)
+    finally:
+        hub.stop()
+    assert task.status == TaskStatus.SUCCEEDED
+    assert task.prompt_id == prompt_id
+    assert simulator.sim.executed_prompt_ids.count(prompt_id) == 1
+    assert task.events.filter(kind="resubmitted").count() == 1
+
+
+def test_uploaded_images_go_to_the_tasks_server(alice_api, workflows, server, simulator, hub):
+    upload_id = upload(alice_api, png_bytes((40, 20))).json()["id"]
+    task = finished(alice_api.submit("upload-scale", {"image": upload_id, "scale_by": 0.5}).json()["id"])
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    [output] = task.outputs.all()
+    from PIL import Image
+
+    with output.file.open("rb") as handle, Image.open(handle) as image:
+        assert image.size == (20, 10)
+
+
+def test_two_users_see_only_their_own_tasks_and_files(alice_api, bob_api, workflows, server, hub):
+    mine = finished(alice_api.submit("fast", {"color": 5}).json()["id"])
+    theirs = finished(bob_api.submit("fast", {"color": 6}).json()["id"])
+    [output] = theirs.outputs.all()
+    assert alice_api.get(f"/api/v1/outputs/{output.pk}").status_code == 404
+    assert bob_api.get(f"/api/v1/outputs/{output.pk}").status_code == 200
+    assert alice_api.get(f"/api/v1/tasks/{theirs.pk}").status_code == 404
+    assert [t["id"] for t in alice_api.get("/api/v1/tasks").json()["tasks"]] == [str(mine.pk)]
+
+
+def test_tasks_spread_over_two_servers_and_stay_bound(alice_api, workflows, transactional_db, fast_settings):
+    from servers.simulator import SimulatorThread
+    from tests.conftest import Hub
+
+    with SimulatorThread(time_scale=0.05) as one, SimulatorThread(time_scale=0.05) as two:
+        Server.objects.create(name="one", base_url=one.url)
+        Server.objects.create(name="two", base_url=two.url)
+        hub = Hub().start()
+        try:
+            ids = [alice_api.submit("invert", {"color": n}).json()["id"] for n in range(8)]
+            tasks = [finished(task_id) for task_id in ids]
+        finally:
+            hub.stop()
+    assert all(task.status == TaskStatus.SUCCEEDED for task in tasks)
+    used = {task.server.name for task in tasks}
+    assert used == {"one", "two"}
+    for task in tasks:
+        sim = one if task.server.name == "one" else two
+        assert task.prompt_id in sim.sim.executed_prompt_ids
+        assert (
+            not TaskEvent.objects.filter(task=task).exclude(server=task.server).exclude(server=None).exists()
+        )
+
+
+def test_an_unreachable_server_is_marked_offline(alice_api, workflows, transactional_db, hub):
+    dead = Server.objects.create(name="dead", base_url="http://127.0.0.1:9")
+    task_id = alice_api.submit("fast", {}).json()["id"]
+    wait_for(
+        lambda: Server.objects.get(pk=dead.pk).state == ServerState.OFFLINE, message="the server offline"
+    )
+    assert Server.objects.get(pk=dead.pk).last_error
+    assert status_of(task_id) == "queued"

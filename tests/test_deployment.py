@@ -1,0 +1,419 @@
+"""
+The production layout of deploy/ started on this machine: two Daphne processes and two `manage.py run_upstream`
+workers (the commands of deploy/Procfile) on a PostgreSQL database and a Redis channel layer, with two simulated
+ComfyUI servers. nginx is left out: the test talks to each Daphne process directly, which is what nginx balances
+between (deploy/README.md).
+
+Two Daphne processes can only share pushes through Redis, so the test brings its own PostgreSQL database and
+Redis key prefix in both CI passes (on the SQLite pass too). It never touches pytest's database: it creates a
+database of its own and drops it at the end. The processes' logs are in tmp_path and failure messages end with
+their tails.
+"""
+
+import ast
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import psycopg
+import pytest
+import redis
+from websockets.sync.client import connect
+
+from comfyhub.harness import free_port
+from servers.simulator import SimulatorThread
+
+logger = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+# The PostgreSQL server and Redis used when the environment names none (they always run beside CI).
+DEFAULT_POSTGRES = "postgres://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+REDIS_DB = 6  # the key prefix is this run's own anyway
+TIME_SCALE = 0.05  # the invert workflow takes a fraction of a second
+# What nginx adds to every request it passes on (deploy/nginx/comfyhub.conf); Daphne runs with --proxy-headers.
+PROXIED = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "192.0.2.10"}
+SUBMISSIONS = [("alice", 1), ("alice", 1), ("bob", 1), ("alice", 2), ("bob", 2), ("bob", 2)]  # (user, Daphne #)
+
+
+def postgres_url(database):
+    """The URL of `database` on the PostgreSQL server of DATABASE_URL when it names one, else on the default."""
+    configured = os.environ.get("DATABASE_URL", "")
+    base = urlsplit(configured if configured.startswith(("postgres://", "postgresql://")) else DEFAULT_POSTGRES)
+    return urlunsplit(base._replace(path=f"/{database}", query=""))
+
+
+def redis_url():
+    base = urlsplit(os.environ.get("REDIS_URL") or DEFAULT_REDIS)
+    return urlunsplit(base._replace(path=f"/{REDIS_DB}"))
+
+
+def query(url, sql, params=()):
+    with psycopg.connect(url, autocommit=True) as conn:
+        cursor = conn.execute(sql, params)
+        return cursor.fetchall() if cursor.description else None
+
+
+def forget_keys(url, prefix):
+    """Delete this run's keys (channel layer groups live for a day, the throttle's counters for minutes)."""
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def procfile():
+    """{process type: argv} from deploy/Procfile, run with the executables of the interpreter running the tests."""
+    commands = {}
+    for line in (ROOT / "deploy" / "Procfile").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            kind, _, command = line.partition(":")
+            argv = shlex.split(command)
+            argv[0] = str(Path(sys.executable).parent / Path(argv[0]).name)
+            commands[kind.strip()] = argv
+    return commands
+
+
+class Process:
+    """One long-running process of the layout, its output in a log file."""
+
+    def __init__(self, name, argv, env, tmp_path):
+        self.name = name
+        self.log_path = tmp_path / f"{name}.log"
+        self.log = open(self.log_path, "w+")  # noqa: SIM115  (closed by stop())
+        self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.pid = self.process.pid
+        self.interrupted = False
+
+    def text(self):
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, lines=25):
+        return "\n".join([f"--- {self.name} (pid {self.pid}), last {lines} lines:", *self.text().splitlines()[-lines:]])
+
+    def interrupt(self):
+        """SIGINT, once: a second one after the event loop has closed would end the process with SIGINT's status."""
+        if self.process.poll() is None and not self.interrupted:
+            self.process.send_signal(signal.SIGINT)
+            self.interrupted = True
+
+    def stop(self, timeout=10):
+        """SIGINT, then SIGKILL if it has not exited within `timeout` seconds; returns the exit code."""
+        try:
+            self.interrupt()
+            try:
+                return self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                return self.process.wait(timeout=15)
+        finally:
+            self.log.close()
+
+
+class Layout:
+    """The processes started so far, for waiting on conditions and for failure messages."""
+
+    def __init__(self, env, tmp_path):
+        self.env = env
+        self.tmp_path = tmp_path
+        self.processes = []
+
+    def start(self, name, argv, **extra_env):
+        process = Process(name, argv, {**self.env, **extra_env}, self.tmp_path)
+        self.processes.append(process)
+        return process
+
+    def describe(self):
+        return "\n".join(process.tail() for process in self.processes)
+
+    def wait(self, predicate, what, timeout=20.0, interval=0.1):
+        deadline = time.monotonic() + timeout
+        while True:
+            for process in self.processes:
+                if process.process.poll() is not None:
+                    pytest.fail(f"{process.name} exited with {process.process.returncode}\n{self.describe()}")
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out after {timeout}s waiting for {what}\n{self.describe()}")
+            time.sleep(interval)
+
+    def stop_all(self):
+        for process in self.processes:
+            process.interrupt()  # all at once: they stop in parallel
+        for process in self.processes:
+            process.stop()
+
+
+def manage(env, *commands):
+    """Run short `manage.py` commands at once (each a tuple of arguments); return their outputs, in order."""
+    running = [
+        subprocess.Popen(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for args in commands
+    ]
+    outputs = []
+    for args, process in zip(commands, running, strict=True):
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, f"manage.py {' '.join(args)} failed:\n{output}"
+        outputs.append(output)
+    return outputs
+
+
+def get(url, **kwargs):
+    try:
+        return httpx.get(url, timeout=2, **kwargs)
+    except httpx.HTTPError:
+        return None
+
+
+def log_in(base, username, password):
+    """
+    A browser logging in through the proxy; returns its session cookie. Outside it is HTTPS, so the cookies are
+    Secure (COMFYHUB_PRODUCTION), which an HTTP client's cookie jar keeps from plain http://: they go by hand.
+    """
+    headers = {**PROXIED, "Origin": base.replace("http://", "https://")}
+    page = httpx.get(f"{base}/accounts/login/", headers=headers, timeout=10)
+    assert page.status_code == 200, page.text
+    csrf = page.cookies["csrftoken"]
+    reply = httpx.post(
+        f"{base}/accounts/login/",
+        headers={**headers, "Cookie": f"csrftoken={csrf}"},
+        data={"username": username, "password": password, "csrfmiddlewaretoken": csrf},
+        timeout=10,
+    )
+    assert reply.status_code == 302, reply.text
+    return reply.cookies["sessionid"]
+
+
+def leases(db_url):
+    """{server pk: owner} of the unexpired upstream leases."""
+    rows = query(db_url, "SELECT key, owner FROM servers_lock WHERE purpose = 'upstream' AND expires_at > now()")
+    return {int(key.removeprefix("server:")): owner for key, owner in rows}
+
+
+def transitions(process, task_id):
+    """The `comfyhub.tasks` log lines a process wrote about a task, as {field: value} dicts."""
+    return [
+        dict(re.findall(r"(\w+)=(\S+)", line.split("comfyhub.tasks: ", 1)[1]))
+        for line in process.text().splitlines()
+        if "comfyhub.tasks: " in line and f"task={task_id} " in line
+    ]
+
+
+USERS_SCRIPT = """
+from django.contrib.auth import get_user_model
+for name in ("alice", "bob"):
+    get_user_model().objects.create_user(name, password=f"{name}-pass-123")
+"""
+
+
+def test_the_production_layout_runs_tasks(tmp_path):
+    suffix = secrets.token_hex(4)
+    database = f"comfyhub_deploy_{suffix}"
+    db_url = postgres_url(database)
+    prefix = f"comfyhub-deploy-{suffix}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("COMFYHUB_", "REDIS_"))},
+        "DATABASE_URL": db_url,
+        "REDIS_URL": redis_url(),
+        "REDIS_PREFIX": prefix,
+        "SECRET_KEY": secrets.token_urlsafe(50),
+        "DEBUG": "false",
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "MEDIA_ROOT": str(tmp_path / "media"),
+        "STATIC_ROOT": str(tmp_path / "static"),
+        "COMFYHUB_EMBEDDED_SUPERVISOR": "false",
+        "COMFYHUB_PRODUCTION": "true",
+        "PYTHONUNBUFFERED": "1",  # log lines reach the files at once
+    }
+    layout = Layout(env, tmp_path)
+    with ExitStack() as stack:
+        query(postgres_url("postgres"), f'CREATE DATABASE "{database}"')
+        stack.callback(query, postgres_url("postgres"), f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        stack.callback(forget_keys, env["REDIS_URL"], prefix)
+        sims = [stack.enter_context(SimulatorThread(time_scale=TIME_SCALE, name=f"sim-{i}")) for i in (1, 2)]
+        stack.callback(layout.stop_all)
+
+        # The deploy steps of deploy/README.md, then the pool, the workflows and two users.
+        clock = time.monotonic()
+        manage(env, ("migrate", "--no-input", "-v0"))
+        logger.info("migrated in %.1fs", time.monotonic() - clock)
+        manage(
+            env,
+            ("collectstatic", "--no-input", "-v0"),
+            ("add_server", "gpu-1", sims[0].url),
+            ("add_server", "gpu-2", sims[1].url),
+            ("load_workflow", "--demo"),
+            ("shell", "-c", USERS_SCRIPT),
+        )
+        assert (tmp_path / "static" / "admin" / "css" / "base.css").is_file()
+        servers = {
+            name: (pk, client_id)
+            for pk, name, client_id in query(db_url, "SELECT id, name, client_id FROM servers_server")
+        }
+        sim_of = {"gpu-1": sims[0], "gpu-2": sims[1]}
+
+        # Two Daphne processes and two upstream workers, as deploy/Procfile runs them.
+        logger.info("set up in %.1fs", time.monotonic() - clock)
+        clock = time.monotonic()
+        commands = procfile()
+        ports = [free_port(), free_port()]
+        for n, port in ((1, str(ports[0])), (2, str(ports[1]))):
+            layout.start(f"web-{n}", [port if arg == "$PORT" else arg for arg in commands["web"]], PORT=port)
+        workers = [layout.start(f"upstream-{n}", commands["upstream"]) for n in (1, 2)]
+        alice_token, bob_token = (
+            out.strip() for out in manage(env, ("create_token", "alice"), ("create_token", "bob"))
+        )
+        bases = [f"http://127.0.0.1:{port}" for port in ports]
+        apis = {
+            (user, n): httpx.Client(base_url=base, headers={**PROXIED, "Authorization": f"Bearer {token}"}, timeout=10)
+            for user, token in (("alice", alice_token), ("bob", bob_token))
+            for n, base in ((1, bases[0]), (2, bases[1]))
+        }
+        for client in apis.values():
+            stack.callback(client.close)
+
+        for base in bases:
+            layout.wait(
+                lambda base=base: (r := get(f"{base}/readyz")) and r.status_code == 200, f"{base}/readyz", timeout=45
+            )
+        logger.info("both Daphne processes ready %.1fs after the start", time.monotonic() - clock)
+        owners = layout.wait(
+            lambda: (held := leases(db_url)) and len(held) == 2 and held,
+            "the workers to lease both servers",
+        )
+        worker_of = {}
+        for name, (pk, client_id) in servers.items():
+            pid = int(owners[pk].rsplit(":", 2)[1])  # an owner is "<hostname>:<pid>:<hex>"
+            [worker_of[name]] = [worker for worker in workers if worker.pid == pid]
+            sim = sim_of[name]
+            layout.wait(
+                lambda sim=sim, client_id=client_id: any(
+                    c.startswith(f"{client_id}.") for c in sim.call(sim.sim.connected_clients)
+                ),
+                f"the lease holder to connect to {name}",
+            )
+        for worker in workers:
+            assert re.search(r"Upstream supervisor \S+ running", worker.text()), worker.tail()
+
+        logger.info("both servers leased and connected %.1fs after the start", time.monotonic() - clock)
+        # Alice's browser on Daphne #2 follows what she submits through Daphne #1.
+        session = log_in(bases[1], "alice", "alice-pass-123")
+        socket_ = stack.enter_context(
+            connect(
+                f"ws://127.0.0.1:{ports[1]}/ws/tasks/",
+                additional_headers={"Cookie": f"sessionid={session}"},
+                origin=f"https://127.0.0.1:{ports[1]}",  # the page's origin, behind the proxy
+                open_timeout=10,
+            )
+        )
+        owner_of = {}
+        for index, (user, n) in enumerate(SUBMISSIONS):
+            reply = apis[user, n].post("/api/v1/tasks", json={"workflow": "invert", "inputs": {"color": 4000 + index}})
+            assert reply.status_code == 201, reply.text
+            owner_of[reply.json()["id"]] = user
+        watched = next(iter(owner_of))  # alice's first, through Daphne #1
+
+        frames = []
+        succeeded_row = re.compile(rf'id="task-{watched}" data-status="succeeded"')
+
+        def pushed():
+            try:
+                frames.append(socket_.recv(timeout=0.5))
+            except TimeoutError:
+                return False
+            return succeeded_row.search(frames[-1])
+
+        layout.wait(pushed, "Daphne #2 to push the success of a task submitted through Daphne #1", timeout=30)
+        assert any(f'id="task-{watched}"' in frame and "afterbegin:#task-list" in frame for frame in frames), frames
+
+        def finished():
+            bodies = {
+                task_id: apis[user, 1].get(f"/api/v1/tasks/{task_id}").json() for task_id, user in owner_of.items()
+            }
+            return all(body["status"] in ("succeeded", "failed", "cancelled") for body in bodies.values()) and bodies
+
+        tasks = layout.wait(finished, "every task to finish", timeout=30)
+        logger.info("every task finished %.1fs after the start", time.monotonic() - clock)
+        for task in tasks.values():
+            assert task["status"] == "succeeded", (task, layout.describe())
+
+        # Each server's work was done by the worker holding its lease: that process sent it and followed it, no
+        # other process wrote a word about it once it had a server, and the server ran it once.
+        assert leases(db_url) == owners, f"the leases changed hands in a steady layout\n{layout.describe()}"
+        for task_id, task in tasks.items():
+            holder = worker_of[task["server"]]
+            lines = transitions(holder, task_id)
+            assert {line["to"] for line in lines} >= {"submitted", "running", "succeeded"}, (lines, holder.tail())
+            assert all(line["server"] == task["server"] for line in lines), lines
+            for process in layout.processes:
+                if process is not holder:
+                    assert all(line["server"] == "-" for line in transitions(process, task_id)), process.tail()
+            for name, sim in sim_of.items():
+                ran = sim.sim.executed_prompt_ids.count(task["prompt_id"])
+                assert ran == (1 if name == task["server"] else 0), (task, name, ran)
+        assert {task["server"] for task in tasks.values()} <= set(servers)
+
+        # Outputs download from either Daphne process, the same bytes; another user's are a 404 there too.
+        for task_id, task in tasks.items():
+            user, other = owner_of[task_id], "bob" if owner_of[task_id] == "alice" else "alice"
+            [output] = task["outputs"]
+            for n in (1, 2):
+                reply = apis[user, n].get(output["url"])
+                assert reply.status_code == 200, reply.text
+                assert len(reply.content) == output["size"]
+                assert hashlib.sha256(reply.content).hexdigest() == output["sha256"]
+                assert apis[other, n].get(output["url"]).status_code == 404
+
+        for base in bases:
+            assert get(f"{base}/healthz").status_code == 200
+            ready = get(f"{base}/readyz")
+            assert ready.status_code == 200 and ready.json() == {"database": "ok", "channel_layer": "ok"}, ready.text
+
+        # SIGINT (deploy/systemd's KillSignal for run_upstream) stops a worker cleanly: it gives its leases back.
+        for worker in workers:
+            worker.interrupt()
+        for worker in workers:
+            assert worker.stop() == 0, worker.tail()
+            assert re.search(r"upstream supervisor \S+ stopped", worker.text()), worker.tail()
+        assert query(db_url, "SELECT owner FROM servers_lock WHERE purpose = 'upstream'") == []
+
+
+def settings_variables():
+    """The environment variables comfyhub/settings.py reads: os.environ.get(...), os.environ[...], env_*(...)."""
+    names = set()
+    for node in ast.walk(ast.parse((ROOT / "comfyhub" / "settings.py").read_text())):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            if ast.unparse(node.func) in ("os.environ.get", "os.getenv") or ast.unparse(node.func).startswith("env_"):
+                names.add(node.args[0].value)
+        elif isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ":
+            names.add(ast.literal_eval(node.slice))
+    return names
+
+
+def test_env_example_lists_every_variable_the_settings_read():
+    documented = set(re.findall(r"^(?:# )?([A-Z][A-Z0-9_]*)=", (ROOT / "deploy" / "env.example").read_text(), re.M))
+    read = settings_variables()
+    assert {"DATABASE_URL", "REDIS_URL", "SECRET_KEY", "COMFYHUB_LEASE_SECONDS"} <= read  # the parse finds them
+    assert sorted(read - documented) == [], "add them to deploy/env.example, one comment line each"
