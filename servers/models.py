@@ -119,25 +119,28 @@ class Server(models.Model):
             fields["state_reason"] = reason[:300]
             if state not in ACCEPTING_STATES and reason:
                 fields["last_error"] = reason[:2000]
-        # The row, not this object: another process may have changed the state since this one was loaded.
-        old = Server.objects.filter(pk=self.pk).values_list("state", flat=True).first() or self.state
-        changed = (
-            Server.objects.filter(pk=self.pk)
-            .exclude(state=state)
-            .update(state=state, state_changed_at=now, **fields)
-        )
-        if not changed and fields:
-            Server.objects.filter(pk=self.pk).update(**fields)
+        # One transaction: a reader never sees the new state without its trail entry.
+        with transaction.atomic():
+            # The row, not this object: another process may have changed the state since this one was loaded.
+            old = Server.objects.filter(pk=self.pk).values_list("state", flat=True).first() or self.state
+            changed = (
+                Server.objects.filter(pk=self.pk)
+                .exclude(state=state)
+                .update(state=state, state_changed_at=now, **fields)
+            )
+            if not changed and fields:
+                Server.objects.filter(pk=self.pk).update(**fields)
+            if changed:
+                ServerEvent.objects.create(
+                    server=self, kind="state", from_state=old, to_state=state, message=reason or ""
+                )
+                from tasks.progress import emit_ops_update
+
+                transaction.on_commit(emit_ops_update)
         for key, value in fields.items():
             setattr(self, key, value)
         if changed:
             self.state, self.state_changed_at = state, now
-            ServerEvent.objects.create(
-                server=self, kind="state", from_state=old, to_state=state, message=reason or ""
-            )
-            from tasks.progress import emit_ops_update
-
-            transaction.on_commit(emit_ops_update)
         return bool(changed)
 
     def record(self, kind, message="", detail=None):
