@@ -111,9 +111,11 @@ async def apply(conn, task, grade):
                     status = await db(lambda: Task.objects.get(pk=task.pk).status)()
                     message = f"found in {name}'s history: now {status}"
                 elif task.accepted_at is None and task.started_at is None:
-                    message = f"{name} never got it: sending it again"
+                    if await conn.resend(task, f"{name} never got it: sending it again ({grade})"):
+                        message = f"{name} never got it: sent it again"
+                    else:
+                        message = f"{name} has it after all, or it changed meanwhile: left alone"
                     await db(task.record)(grade, message)
-                    await conn.send(task)
                     return Action(task.pk, grade, message, name)
                 else:
                     await db(task.requeue)(f"{name} lost it (found by recovery)")

@@ -473,6 +473,37 @@ class Connection:
         finally:
             self.sending.discard(prompt_id)
 
+    async def resend(self, task, message):
+        """
+        Send a bound task again under its prompt_id, only if the server surely does not have it: ComfyUI does not
+        deduplicate, so a second POST of a prompt it holds runs it twice. The caller's view is a snapshot: since it
+        was taken, a POST of this worker may have landed (another reconciliation pass, the dispatcher), so the row
+        and the server are asked again, and the prompt is claimed in `sending` right after the last look.
+        """
+        prompt_id = task.prompt_id
+        if prompt_id in self.sending:
+            return False
+        fresh = await db(
+            lambda: Task.objects.select_related("server").filter(
+                pk=task.pk, server=self.server, prompt_id=prompt_id, status=TaskStatus.SUBMITTED,
+                accepted_at__isnull=True, started_at__isnull=True,
+            ).first()
+        )()
+        if fresh is None:
+            return False  # accepted, started, moved or ended since the snapshot
+        if (await self.client.queue()).where(prompt_id) or await self.client.history(prompt_id) is not None:
+            return False  # it is there after all; the next pass follows it
+        if prompt_id in self.sending:
+            return False
+        self.sending.add(prompt_id)  # taken: every other path now leaves it alone; send() clears it at its end
+        try:
+            await db(fresh.record)("resubmitted", message)
+        except BaseException:
+            self.sending.discard(prompt_id)
+            raise
+        await self.send(fresh)
+        return True
+
     async def expect_frames(self, stream, since, within=3.0):
         """
         ComfyUI broadcasts a `status` to every socket when a prompt is queued. A socket that hears nothing after
@@ -570,8 +601,7 @@ class Connection:
                 await self.finish(task, f"history ({reason})", entry)
                 missed += followed
             elif task.accepted_at is None and task.started_at is None:
-                await db(task.record)("resubmitted", f"not on {self.server.name} after {reason}; sending it")
-                await self.send(task)
+                await self.resend(task, f"not on {self.server.name} after {reason}; sending it")
             elif task.cancel_requested_at is not None:
                 await db(task.mark_cancelled)("removed from the server's queue")
                 self.forget(prompt_id)
@@ -887,6 +917,7 @@ class Supervisor:
             task = await db(pool.claim)(candidate.task_id, conn.server, self.owner)
             if task is None:
                 continue  # another worker, or a cancel, got there first
+            conn.sending.add(task.prompt_id)  # before the send starts, so no reconciliation pass sends it too
             conn.spawn(conn.send(task, front=front))
             sent += 1
         return sent

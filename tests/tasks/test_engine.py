@@ -252,6 +252,29 @@ def test_a_bound_task_that_never_reached_the_server_is_sent_once(
     assert task.events.filter(kind="resubmitted").count() == 1
 
 
+def test_reconciliation_passes_at_once_send_a_missing_prompt_once(alice, workflows, server, simulator, hub):
+    # Passes overlap in production (the timer, a reconnect, a restart, adopted prompts): each starts from its own
+    # snapshot of the tasks and of /queue, taken before another pass's POST landed.
+    conn = wait_for(lambda: (c := hub.connection(server)) is not None and c.online and c, message="the socket")
+    simulator.stall()  # keep the prompt in the queue, where a second POST would sit beside it
+    task = Task.objects.create(owner=alice, workflow=workflows["fast"], graph=workflows["fast"].graph)
+    prompt_id = str(uuid.uuid4())
+    assert task.bind(server, prompt_id)
+
+    async def passes():
+        await asyncio.gather(*(conn.reconcile("overlap") for _ in range(4)))
+
+    hub.call(passes())
+    # The hub's own timer pass may be the one that sends it: wait for the server's reply to be recorded.
+    wait_for(lambda: Task.objects.get(pk=task.pk).accepted_at, message="the prompt to be accepted")
+    running, pending = simulator.call(simulator.sim.queue_snapshot)
+    simulator.unstall()
+    assert [item[1] for item in running + pending].count(prompt_id) == 1
+    assert finished(task.pk).status == TaskStatus.SUCCEEDED
+    assert simulator.sim.executed_prompt_ids.count(prompt_id) == 1
+    assert Task.objects.get(pk=task.pk).events.filter(kind="resubmitted").count() == 1
+
+
 def test_uploaded_images_go_to_the_tasks_server(alice_api, workflows, server, simulator, hub):
     upload_id = upload(alice_api, png_bytes((40, 20))).json()["id"]
     task = finished(alice_api.submit("upload-scale", {"image": upload_id, "scale_by": 0.5}).json()["id"])

@@ -285,9 +285,30 @@ class Command(BaseCommand):
         if problems:
             for problem in problems:
                 self.stderr.write(f"FAILED: {problem}")
+            self.print_trails([*same_prompt_twice[:3]], [t.pk for t in stuck[:3]])
             return False
         self.stdout.write("chaos run passed: no task lost, every task ended with its outputs or a reason")
         return True
+
+
+    def print_trails(self, prompt_ids, task_ids):
+        """The timelines behind a failed verdict: the database is thrown away when the run ends."""
+        task_ids = {*task_ids, *TaskEvent.objects.filter(prompt_id__in=prompt_ids).values_list("task_id", flat=True)}
+        for task_id in task_ids:
+            self.stderr.write(f"-- task {task_id}")
+            for event in TaskEvent.objects.filter(task_id=task_id).select_related("server").order_by("at", "pk"):
+                self.stderr.write(
+                    f"   {event.at:%H:%M:%S.%f} {event.kind:<20} {event.from_status or '-'} -> "
+                    f"{event.to_status or '-'} {event.server.name if event.server else '-'} "
+                    f"{event.prompt_id or '-'} {event.message}"
+                )
+        for sim in self.sims:
+            for prompt_id, start, end, succeeded in sim.sim.job_log:
+                if prompt_id in prompt_ids:
+                    self.stderr.write(
+                        f"   {sim.sim.name}: ran {prompt_id} {time.strftime('%H:%M:%S', time.localtime(start))}"
+                        f"+{end - start:.2f} s, {'succeeded' if succeeded else 'did not succeed'}"
+                    )
 
 
 def post(client, path, what, **kwargs):
