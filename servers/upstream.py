@@ -978,12 +978,26 @@ class SupervisorThread:
         self.supervisor.stop()
         self.thread.join(timeout=30)
         if self.thread.is_alive():
-            raise RuntimeError("the supervisor did not stop within 30 s")
+            raise RuntimeError(f"the supervisor did not stop within 30 s; where its tasks wait:\n{self.where()}")
         if self.failure is not None:
             raise self.failure
 
     def call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def where(self):
+        """The innermost frames of each of the loop's tasks: what a supervisor that will not stop waits for."""
+        lines = []
+        for task in list(asyncio.all_tasks(self.loop)):  # read from another thread: good enough for a report
+            places, coro = [], task.get_coro()
+            while coro is not None:  # follow the await chain down to what the task waits on
+                frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+                if frame is not None:
+                    code = frame.f_code
+                    places.append(f"{code.co_name} ({os.path.basename(code.co_filename)}:{frame.f_lineno})")
+                coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+            lines.append(f"  {task.get_name()}: {' > '.join(places[-4:]) or 'not started'}")
+        return "\n".join(lines)
 
     def __enter__(self):
         return self.start()
