@@ -57,6 +57,24 @@ def db(fn):
     return sync_to_async(fn, thread_sensitive=True)
 
 
+async def cancel_and_wait(tasks):
+    """
+    Cancel the tasks and wait until every one has ended. One cancel is not always enough: cancelled while its sync
+    function runs, asgiref's sync_to_async waits for the function and then returns normally, so the task goes on
+    (a connection's socket loop would go on reading its socket, and whoever waits for it would wait until the
+    server closes that socket).
+    """
+    tasks = [task for task in tasks if task is not None]
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: each task logs its own failures
+
+
 class ProgressTracker:
     """
     Progress as an honest hint: nodes done (cached count as done) plus the running node's fraction, over the
@@ -178,10 +196,7 @@ class Connection:
 
     async def stop(self):
         self.stopping = True
-        tasks = [t for t in [self._runner, *self.background] if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait([self._runner, *self.background])
         await self.client.close()
 
     def spawn(self, coro):
@@ -622,8 +637,7 @@ class Connection:
         """Close the socket, wait until it is closed (§2.6), and connect again."""
         old, self.online = self._runner, False
         if old is not None and old is not asyncio.current_task():
-            old.cancel()
-            await asyncio.gather(old, return_exceptions=True)
+            await cancel_and_wait([old])
         if not self.stopping:
             self._runner = asyncio.create_task(self.run(), name=f"upstream-{self.server.name}")
 

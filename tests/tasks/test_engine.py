@@ -1,6 +1,7 @@
 """The task engine end to end against the built-in ComfyUI simulator: no mocks inside the client."""
 
 import asyncio
+import contextlib
 import hashlib
 import uuid
 
@@ -273,6 +274,27 @@ def test_reconciliation_passes_at_once_send_a_missing_prompt_once(alice, workflo
     assert finished(task.pk).status == TaskStatus.SUCCEEDED
     assert simulator.sim.executed_prompt_ids.count(prompt_id) == 1
     assert Task.objects.get(pk=task.pk).events.filter(kind="resubmitted").count() == 1
+
+
+def test_stopping_a_connection_ends_a_loop_that_lost_a_cancel():
+    # A cancel can be lost (asyncio.wait_for's race on Python 3.11, asgiref's sync_to_async when its function is
+    # running): the socket loop then goes on reading until the server closes the socket, and a supervisor that
+    # waited for it once hung in a test's teardown until the simulator stopped.
+    from servers.upstream import cancel_and_wait
+
+    async def socket_loop():
+        with contextlib.suppress(asyncio.CancelledError):  # the lost cancel
+            await asyncio.sleep(3600)
+        while True:
+            await asyncio.sleep(3600)
+
+    async def scenario():
+        loop = asyncio.create_task(socket_loop())
+        await asyncio.sleep(0)
+        await asyncio.wait_for(cancel_and_wait([loop]), timeout=5)
+        return loop
+
+    assert asyncio.run(scenario()).cancelled()
 
 
 def test_uploaded_images_go_to_the_tasks_server(alice_api, workflows, server, simulator, hub):
