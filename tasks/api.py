@@ -7,7 +7,7 @@ from functools import wraps
 
 from django.conf import settings
 from django.core.exceptions import BadRequest, PermissionDenied, RequestDataTooBig, SuspiciousOperation
-from django.http import FileResponse, Http404, JsonResponse
+from django.http import Http404, JsonResponse
 from django.http.multipartparser import MultiPartParserError
 from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import get_object_or_404
@@ -19,7 +19,7 @@ from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address, wait_message
 from tasks.models import ApiToken, TaskOutput, TaskStatus
 from tasks.params import BindingError
 from tasks.submission import QuotaExceeded, create_task, describe_size, store_upload, user_tasks
-from tasks.views import public_details, public_text, server_hosts
+from tasks.views import output_response, public_details, public_text, server_hosts
 
 logger = logging.getLogger(__name__)
 
@@ -238,15 +238,7 @@ def task_cancel(request, pk):
 
 @api_view("GET")
 def output_file(request, pk):
-    output = get_object_or_404(TaskOutput.objects.filter(task__owner=request.user), pk=pk)
-    response = FileResponse(
-        output.file.open("rb"),
-        content_type=output.content_type,
-        as_attachment=request.GET.get("download") == "1",
-        filename=output.filename,
-    )
-    response["X-Content-Type-Options"] = "nosniff"
-    return response
+    return output_response(request, get_object_or_404(TaskOutput.objects.filter(task__owner=request.user), pk=pk))
 
 
 UPLOAD_OVERHEAD = 64 * 1024  # multipart boundaries and headers around the image

@@ -271,15 +271,19 @@ def _file_response(request, file, content_type, filename):
     return response
 
 
-@require_GET
-@login_required
-def output_file(request, pk):
-    output = _own_output(request.user, pk)
+def output_response(request, output):
+    """The stored file of an output the caller may see (pages, the admin and the API share it)."""
     try:
         file = output.file.open("rb")
     except FileNotFoundError:
         raise Http404("The file of this output is missing from storage.") from None
     return _file_response(request, file, output.content_type, output.filename)
+
+
+@require_GET
+@login_required
+def output_file(request, pk):
+    return output_response(request, _own_output(request.user, pk))
 
 
 @require_GET
@@ -296,12 +300,7 @@ def output_thumb(request, pk):
 @staff_member_required
 def staff_output_file(request, pk):
     """Any output, for staff in the admin (the ownership check is the staff check here)."""
-    output = get_object_or_404(TaskOutput, pk=pk)
-    try:
-        file = output.file.open("rb")
-    except FileNotFoundError:
-        raise Http404("The file of this output is missing from storage.") from None
-    return _file_response(request, file, output.content_type, output.filename)
+    return output_response(request, get_object_or_404(TaskOutput, pk=pk))
 
 
 @require_GET
