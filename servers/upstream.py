@@ -547,7 +547,9 @@ class Connection:
         for binding in task.image_inputs:
             upload = await db(Upload.objects.get)(pk=binding["upload"])
             data = await db(_read_file)(upload.file)
-            name = await self.client.upload_image(data, upload.remote_name, overwrite=True)
+            # Not overwrite: ComfyUI answers the same name for the same bytes without writing, while an overwrite
+            # rewrites the file in place under a running task of the same user that is reading it.
+            name = await self.client.upload_image(data, upload.remote_name, overwrite=False)
             node = task.graph[binding["node"]]["inputs"]
             if node.get(binding["input"]) != name:
                 node[binding["input"]] = name

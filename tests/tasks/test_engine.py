@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import hashlib
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -306,6 +307,18 @@ def test_uploaded_images_go_to_the_tasks_server(alice_api, workflows, server, si
 
     with output.file.open("rb") as handle, Image.open(handle) as image:
         assert image.size == (20, 10)
+
+
+def test_an_upload_already_on_the_server_is_not_written_again(alice_api, workflows, server, simulator, hub):
+    # A task of the same user may be reading it right now: rewriting it in place gave LoadImage half a file.
+    upload_id = upload(alice_api, png_bytes((40, 20))).json()["id"]
+    first = finished(alice_api.submit("upload-scale", {"image": upload_id, "scale_by": 0.5}).json()["id"])
+    [copy] = Path(simulator.sim.folders.input).glob("comfyhub-*")
+    written = copy.stat().st_mtime_ns
+    second = finished(alice_api.submit("upload-scale", {"image": upload_id, "scale_by": 0.25}).json()["id"])
+    assert (first.status, second.status) == (TaskStatus.SUCCEEDED, TaskStatus.SUCCEEDED), second.error
+    assert list(Path(simulator.sim.folders.input).glob("comfyhub-*")) == [copy]
+    assert copy.stat().st_mtime_ns == written
 
 
 def test_two_users_see_only_their_own_tasks_and_files(alice_api, bob_api, workflows, server, hub):
