@@ -256,6 +256,12 @@ COMFYHUB = {
     # Invalid API bearer tokens one address may send within LOCKOUT_SECONDS.
     "TOKEN_FAILURES_PER_ADDRESS": env_int("COMFYHUB_TOKEN_FAILURES_PER_ADDRESS", 20, minimum=1),
     "LOCKOUT_SECONDS": env_int("COMFYHUB_LOCKOUT_SECONDS", 300, minimum=1),
+    # Times one step of one task (send, reconcile, finish, cancel, ...) may fail the same way with an error the
+    # hub did not expect before that task is failed with error_kind "internal_error". The other tasks go on.
+    "STEP_FAILURES": env_int("COMFYHUB_STEP_FAILURES", 3, minimum=1),
+    # Seconds a task may wait for a server able to run it while some enabled server's capabilities are unknown
+    # (offline since the hub started); then it fails with error_kind "no_capable_server".
+    "UNRUNNABLE_SECONDS": env_int("COMFYHUB_UNRUNNABLE_SECONDS", 600, minimum=1),
 }
 
 # --- Production -----------------------------------------------------------------------------------------
