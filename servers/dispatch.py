@@ -119,6 +119,58 @@ def missing_requirements(graph, capabilities):
     return problems
 
 
+@dataclass(frozen=True)
+class PoolVerdict:
+    """Whether any enabled server of the pool can run a graph, as far as the pool's capabilities are known."""
+
+    capable: tuple = ()  # names of servers that can run it
+    unknown: tuple = ()  # names of servers whose capabilities are not known (never reached)
+    lacking: tuple = ()  # (server name, what it lacks) for the servers that cannot
+
+    @property
+    def refused(self):
+        """Every server is known and none can run it: nothing the hub waits for can change that."""
+        return not self.capable and not self.unknown and bool(self.lacking)
+
+    @property
+    def hopeless_for_now(self):
+        """No server known to be able to run it; some are not known yet."""
+        return not self.capable and bool(self.unknown)
+
+    def explain(self):
+        """One sentence naming what is missing and where it was looked for."""
+        by_problem = defaultdict(list)
+        for name, problem in self.lacking:
+            by_problem[problem].append(name)
+        parts = [
+            f"{_names(names)} {'lacks' if len(names) == 1 else 'lack'} {problem}"
+            for problem, names in by_problem.items()
+        ]
+        if self.unknown:
+            parts.append(f"what {_names(self.unknown)} can run is not known yet (never reached)")
+        return "no server in the pool can run it: " + "; ".join(parts)
+
+
+def _names(names):
+    names = sorted(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def judge_pool(graph, servers):
+    """A PoolVerdict of `graph` over `servers`: (name, capabilities) of every enabled server."""
+    capable, unknown, lacking = [], [], []
+    for name, capabilities in servers:
+        if not capabilities or "classes" not in capabilities:
+            unknown.append(name)
+            continue
+        problems = missing_requirements(graph, capabilities)
+        if problems:
+            lacking.append((name, " and ".join(problems)))
+        else:
+            capable.append(name)
+    return PoolVerdict(tuple(capable), tuple(unknown), tuple(lacking))
+
+
 def fair_order(candidates, in_flight_by_user):
     """Priority first; within a priority, users take turns, the least served user first."""
     by_priority = defaultdict(lambda: defaultdict(list))

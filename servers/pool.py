@@ -10,7 +10,7 @@ from django.db.models import F, Window
 from django.db.models.functions import RowNumber
 from django.utils import timezone
 
-from servers.dispatch import Candidate, Slot, plan, plan_naive
+from servers.dispatch import Candidate, Slot, judge_pool, plan, plan_naive
 from servers.models import ACCEPTING_STATES, Lock, LockPurpose, Server, upstream_key
 from tasks.models import ON_SERVER_STATUSES, Task, TaskStatus, affinity_keys
 
@@ -101,8 +101,37 @@ def make_plan(local, horizon, policy="fair", turn=0):
     if policy == "naive":
         return plan_naive(found, slots, turn)
     result = plan(found, slots, per_user, user_limit=settings.COMFYHUB["USER_MAX_IN_FLIGHT"] or None)
-    record_waiting(found, result)
+    unrunnable = fail_unrunnable(found, slots, result)
+    record_waiting([candidate for candidate in found if candidate.task_id not in unrunnable], result)
     return result, turn
+
+
+def fail_unrunnable(found, slots, result):
+    """
+    Fail the queued tasks that no enabled server can run: at once when what every server can run is known (the
+    same judgement as at submit, reached later: the graph came in while a server was not known yet), and after
+    COMFYHUB_UNRUNNABLE_SECONDS while some server is still not known. Returns the ids of the tasks failed.
+    Only tasks that wait for a capable server are judged, so the cost stays with the few that need it.
+    """
+    servers = [(slot.name, slot.capabilities) for slot in slots]
+    deadline = timezone.now() - timedelta(seconds=settings.COMFYHUB["UNRUNNABLE_SECONDS"])
+    failed = set()
+    for candidate in found:
+        reason = result.waiting.get(candidate.task_id, "")
+        if not reason.startswith(("waiting: no online server can run it", "waiting: no server is online")):
+            continue
+        verdict = judge_pool(candidate.graph, servers)
+        if not (verdict.refused or (verdict.hopeless_for_now and candidate.created_at < deadline)):
+            continue
+        task = Task.objects.filter(pk=candidate.task_id, status=TaskStatus.QUEUED).first()
+        explanation = verdict.explain()
+        if verdict.hopeless_for_now:
+            explanation += f"; gave up after waiting {settings.COMFYHUB['UNRUNNABLE_SECONDS']} s"
+        if task is not None and task.mark_failed(
+            "no_capable_server", explanation[0].upper() + explanation[1:], {"servers": dict(verdict.lacking)}
+        ):
+            failed.add(candidate.task_id)
+    return failed
 
 
 def record_waiting(found, result):

@@ -194,7 +194,7 @@ def tasks_collection(request):
         try:
             task, created = create_task(request.user, parse_json_body(request))
         except BindingError as exc:
-            return error(400, "invalid", exc.message, exc.details)
+            return error(400, exc.code, exc.message, exc.details)
         except PermissionError as exc:
             return error(403, "forbidden", str(exc))
         except QuotaExceeded as exc:

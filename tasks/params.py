@@ -18,6 +18,8 @@ MAX_TEXT = 10_000
 class BindingError(ValueError):
     """Bad input for a workflow: `details` maps each offending field to a sentence."""
 
+    code = "invalid"  # the API's error code
+
     def __init__(self, message, details=None):
         super().__init__(message)
         self.message = message

@@ -9,6 +9,8 @@ from django.core.files.base import ContentFile
 from django.db import IntegrityError, transaction
 from PIL import Image, UnidentifiedImageError
 
+from servers.dispatch import judge_pool
+from servers.models import Server
 from servers.upstream import wake_supervisors
 from tasks.models import Task, TaskEvent, TaskStatus, Upload, Workflow, graph_digest
 from tasks.params import BindingError, bind
@@ -31,6 +33,24 @@ def validate_graph(graph):
         if not isinstance(node.get("inputs", {}), dict):
             return f"node {node_id} has inputs that are not an object"
     return None
+
+
+class Unrunnable(BindingError):
+    """No enabled server of the pool has the node types or model files the graph needs."""
+
+    code = "no_capable_server"
+
+
+def check_runnable(graph, field):
+    """
+    Refuse a graph that no enabled server can run, when what every enabled server can run is known: queued, it
+    would wait forever. While some server is not known yet (never reached), the task may wait for it; the
+    dispatcher fails it after COMFYHUB_UNRUNNABLE_SECONDS (servers/pool.py).
+    """
+    verdict = judge_pool(graph, Server.objects.enabled().values_list("name", "capabilities"))
+    if verdict.refused:
+        reason = verdict.explain()
+        raise Unrunnable(f"{reason[0].upper()}{reason[1:]}.", {field: reason})
 
 
 class QuotaExceeded(Exception):
@@ -99,6 +119,7 @@ def create_task(user, body):
             raise BindingError("The prompt is not a ComfyUI graph.", {"prompt": problem})
         if body.get("inputs"):
             raise BindingError("Inputs only apply to a workflow.", {"inputs": "only with a workflow"})
+    check_runnable(graph, "workflow" if has_workflow else "prompt")
     try:
         with transaction.atomic():
             task = Task.objects.create(

@@ -66,6 +66,9 @@ def test_a_task_no_server_can_run_says_why_and_runs_when_one_can(alice_api, work
     one, two = sims
     one.sim.limit_capabilities(missing_nodes={"ImageInvert"})
     add("lacks-invert", one)
+    # Not reached yet, so what it can run is unknown: the task may wait for it (were every server known to lack
+    # ImageInvert, the submit would be refused).
+    full = Server.objects.create(name="full", base_url="http://127.0.0.1:9")
     task_id = alice_api.submit("invert", {"color": 5}).json()["id"]
     body = wait_for(
         lambda: "can run it" in ((reply := alice_api.task(task_id))["waiting_reason"] or "") and reply,
@@ -74,7 +77,7 @@ def test_a_task_no_server_can_run_says_why_and_runs_when_one_can(alice_api, work
     assert body["status"] == "queued"
     assert body["waiting_reason"].startswith("waiting: no online server can run it")
     assert "lacks-invert lacks node types ImageInvert" in body["waiting_reason"]
-    add("full", two)
+    Server.objects.filter(pk=full.pk).update(base_url=two.url)
     finished = done(task_id)
     assert finished.status == TaskStatus.SUCCEEDED and finished.server.name == "full"
     assert alice_api.task(task_id)["waiting_reason"] is None
