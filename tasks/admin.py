@@ -30,7 +30,7 @@ class TaskOutputInline(admin.TabularInline):
     model = TaskOutput
     extra = 0
     can_delete = False
-    fields = ["preview", "filename", "content_type", "size", "sha256", "node_id"]
+    fields = ["preview", "filename", "content_type", "announced_type", "size", "sha256", "node_id"]
     readonly_fields = fields
 
     def has_add_permission(self, request, obj=None):
@@ -38,8 +38,8 @@ class TaskOutputInline(admin.TabularInline):
 
     @admin.display(description="preview")
     def preview(self, output):
-        if not output.content_type.startswith("image/"):
-            return "-"
+        if not output.is_image:
+            return format_html('<a href="{}">download</a>', reverse("admin-output", args=[output.pk]))
         return format_html(
             '<a href="{}" target="_blank"><img src="{}" alt="" style="max-width:96px;max-height:96px"></a>',
             reverse("admin-output", args=[output.pk]),

@@ -484,22 +484,46 @@ def output_path(instance, filename):
     return f"outputs/{instance.task_id}/{filename}"
 
 
+# The only types a file is ever served inline as, and only once the hub has read them from the file's own bytes:
+# raster images cannot run script on the hub's origin, whereas SVG, HTML or anything unknown could.
+INLINE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
+DOWNLOAD_TYPE = "application/octet-stream"
+
+
+class TaskOutputQuerySet(models.QuerySet):
+    def images(self):
+        """Outputs whose bytes the hub read as a raster image: the ones shown as pictures."""
+        return self.filter(content_type__in=INLINE_TYPES)
+
+
 class TaskOutput(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="outputs")
     node_id = models.CharField(max_length=64)
     filename = models.CharField(max_length=255)
-    content_type = models.CharField(max_length=100)
+    content_type = models.CharField(
+        max_length=100,
+        help_text="Read by the hub from the bytes: a PNG, JPEG, WebP or GIF type, else application/octet-stream.",
+    )
+    announced_type = models.CharField(
+        max_length=100, blank=True, help_text="What the ComfyUI server said the file was; never trusted, for staff."
+    )
     size = models.PositiveBigIntegerField()
     sha256 = models.CharField(max_length=64)
     file = models.FileField(upload_to=output_path, max_length=400)
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = TaskOutputQuerySet.as_manager()
 
     class Meta:
         ordering = ["created_at", "filename"]
 
     def __str__(self):
         return self.filename
+
+    @property
+    def is_image(self):
+        return self.content_type in INLINE_TYPES
 
 
 def upload_path(instance, filename):

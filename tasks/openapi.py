@@ -75,7 +75,12 @@ SCHEMAS = {
         "properties": {
             "id": {"type": "string", "format": "uuid"},
             "filename": {"type": "string"},
-            "content_type": {"type": "string"},
+            "content_type": {
+                "type": "string",
+                "enum": ["image/png", "image/jpeg", "image/webp", "image/gif", "application/octet-stream"],
+                "description": "Read by the hub from the file's bytes, whatever the server said: a raster image "
+                "(served inline), else application/octet-stream (served as an attachment).",
+            },
             "size": {"type": "integer", "minimum": 0},
             "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
             "node_id": {"type": "string", "description": "The graph node that produced it."},
@@ -230,7 +235,9 @@ PATHS = {
             ],
             "responses": {
                 "200": {
-                    "description": "The file, with the content type it was stored with.",
+                    "description": "The file: inline as its checked raster type, else application/octet-stream "
+                    "as an attachment; always with `X-Content-Type-Options: nosniff` and "
+                    "`Content-Security-Policy: sandbox`.",
                     "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
                 },
                 **_errors(404),

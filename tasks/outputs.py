@@ -3,14 +3,13 @@
 import hashlib
 import io
 import logging
-import mimetypes
 import os
 
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
 
-from tasks.models import TaskOutput, output_path
+from tasks.models import DOWNLOAD_TYPE, TaskOutput, output_path
 
 logger = logging.getLogger(__name__)
 
@@ -21,9 +20,32 @@ def safe_filename(name):
     return base[:200] or "output"
 
 
+# Pillow's format names of tasks.models.INLINE_TYPES.
+RASTER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+
+
+def checked_type(file):
+    """
+    The content type of a file (bytes or an open binary file) read from its own bytes: a raster image Pillow
+    recognises and verifies, else application/octet-stream. What a server announces or a file name says never counts:
+    a compromised server can call an SVG with a script image/png.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    source = io.BytesIO(file) if isinstance(file, bytes | bytearray) else file
+    try:
+        with Image.open(source, formats=list(RASTER_FORMATS)) as image:
+            fmt = image.format
+            image.verify()
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
+        return DOWNLOAD_TYPE
+    return RASTER_FORMATS.get(fmt, DOWNLOAD_TYPE)
+
+
 def complete(task, files, source):
     """
-    Store every (node_id, filename, content_type, bytes) of a finished task, then mark it succeeded.
+    Store every (node_id, filename, content_type, bytes) of a finished task, then mark it succeeded. The stored
+    content_type is the one checked from the bytes; the server's is kept as announced_type.
     Returns True when this call finished the task; False when another signal already had (its copies are removed).
     """
     stored = []
@@ -33,7 +55,8 @@ def complete(task, files, source):
             task=task,
             node_id=str(node_id),
             filename=filename,
-            content_type=content_type or mimetypes.guess_type(filename)[0] or "application/octet-stream",
+            content_type=checked_type(data),
+            announced_type=(content_type or "")[:100],
             size=len(data),
             sha256=hashlib.sha256(data).hexdigest(),
         )
@@ -56,17 +79,18 @@ THUMBNAIL_SIZE = (384, 384)
 def thumbnail(output):
     """
     Return the storage name of a small JPEG of an image output, making it on first use; None when the output is
-    not an image Pillow can read. Thumbnails can always be made again, so they are not recorded anywhere.
+    not a checked raster image or not one Pillow can read. Thumbnails can always be made again, so they are not
+    recorded anywhere.
     """
     from PIL import Image, UnidentifiedImageError
 
+    if not output.is_image:
+        return None
     name = f"thumbs/{output.task_id}/{output.pk}.jpg"
     if default_storage.exists(name):
         return name
-    if not output.content_type.startswith("image/"):
-        return None
     try:
-        with output.file.open("rb") as source, Image.open(source) as image:
+        with output.file.open("rb") as source, Image.open(source, formats=list(RASTER_FORMATS)) as image:
             image.thumbnail(THUMBNAIL_SIZE)
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, "JPEG", quality=85)

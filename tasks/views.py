@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.core.files.storage import default_storage
 from django.core.paginator import Paginator
 from django.http import FileResponse, Http404
@@ -18,7 +19,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from tasks import outputs
 from tasks.forms import WorkflowForm
-from tasks.models import ACTIVE_STATUSES, TaskOutput, TaskStatus, Upload, Workflow
+from tasks.models import ACTIVE_STATUSES, DOWNLOAD_TYPE, INLINE_TYPES, TaskOutput, TaskStatus, Upload, Workflow
 from tasks.params import BindingError
 from tasks.submission import QuotaExceeded, create_task, user_tasks
 
@@ -170,7 +171,7 @@ def task_detail(request, pk):
     context = {
         **row_context(task, request.user),
         "events": events,
-        "outputs": [(output, output.content_type.startswith("image/")) for output in task.outputs.all()],
+        "outputs": [(output, output.is_image) for output in task.outputs.all()],
         "parameters": _parameters(task),
         "has_seed": task.workflow is not None and any(p["type"] == "seed" for p in task.workflow.parameters),
     }
@@ -250,7 +251,8 @@ def task_rerun(request, pk):
 @login_required
 def gallery(request):
     images = (
-        TaskOutput.objects.filter(task__owner=request.user, content_type__startswith="image/")
+        TaskOutput.objects.images()
+        .filter(task__owner=request.user)
         .select_related("task", "task__workflow")
         .order_by("-created_at")
     )
@@ -263,10 +265,20 @@ def _own_output(user, pk):
 
 
 def _file_response(request, file, content_type, filename):
+    """
+    A stored file, never active content on the hub's origin: inline only as a raster type the hub checked from the
+    bytes (and only if asked, as a download); anything else is an octet-stream attachment. Whatever it is, the
+    browser may not sniff another type from it nor run it with the hub's origin (a sandbox without allow-*).
+    """
+    inline = content_type in INLINE_TYPES and request.GET.get("download") != "1"
     response = FileResponse(
-        file, content_type=content_type, as_attachment=request.GET.get("download") == "1", filename=filename
+        file,
+        content_type=content_type if content_type in INLINE_TYPES else DOWNLOAD_TYPE,
+        as_attachment=not inline,
+        filename=filename,
     )
     response["X-Content-Type-Options"] = "nosniff"
+    response["Content-Security-Policy"] = "sandbox"
     response["Cache-Control"] = "private, max-age=3600"
     return response
 
@@ -299,7 +311,9 @@ def output_thumb(request, pk):
 @require_GET
 @staff_member_required
 def staff_output_file(request, pk):
-    """Any output, for staff in the admin (the ownership check is the staff check here)."""
+    """Any output, for staff who may view tasks in the admin (the page that links here needs the same permission)."""
+    if not request.user.has_perm("tasks.view_task"):
+        raise PermissionDenied("Viewing tasks' outputs needs the permission to view tasks.")
     return output_response(request, get_object_or_404(TaskOutput, pk=pk))
 
 
