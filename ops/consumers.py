@@ -9,7 +9,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.contrib.auth import get_user_model
 from django.template.loader import render_to_string
 
-from ops.metrics import dashboard
+from ops.dashboard import dashboard
 from tasks.progress import OPS_GROUP
 
 logger = logging.getLogger(__name__)

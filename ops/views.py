@@ -15,9 +15,11 @@ from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 from django_htmx.http import reselect, reswap, retarget
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address
-from ops.metrics import CONTENT_TYPE, dashboard, exposition
+from ops.dashboard import dashboard
+from ops.metrics import exposition
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ def may_read_metrics(request):
 def metrics(request):
     if not may_read_metrics(request):
         raise Http404  # like a page that does not exist: a scanner learns nothing
-    return HttpResponse(exposition(), content_type=CONTENT_TYPE)
+    return HttpResponse(exposition(), content_type=CONTENT_TYPE_LATEST)
 
 
 @require_GET

@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from ops.metrics import utilisation
+from ops.dashboard import utilisation
 from servers.models import ServerEvent, ServerState
 from tasks.models import TaskStatus
 from tests.ops.conftest import browser, make_server, make_task

@@ -9,6 +9,8 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 
 from servers.models import ServerEvent, ServerState
 from tasks.models import TaskEvent, TaskStatus
@@ -33,7 +35,22 @@ def scrape(token):
 
 
 def samples(text):
-    return [line for line in text.splitlines() if line and not line.startswith("#")]
+    """
+    Every sample of the page as one line, `name{label="value",...} number`, read back with prometheus_client's own
+    parser (so the page must be text it accepts) and with whole numbers written without a fraction.
+    """
+    lines = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            ordered = sorted(sample.labels.items(), key=lambda item: item[0] == "le")  # a bucket's bound last
+            labels = ",".join(f'{name}="{escape(value)}"' for name, value in ordered)
+            value = int(sample.value) if float(sample.value).is_integer() else sample.value
+            lines.append(f"{sample.name}{{{labels}}} {value}" if labels else f"{sample.name} {value}")
+    return lines
+
+
+def escape(value):
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 @pytest.fixture
@@ -119,8 +136,8 @@ def test_queue_waits_and_run_times_are_histograms_per_server(token, history):
         'comfyhub_task_queue_wait_seconds_bucket{server="gpu-a",le="3600"} 4',
         'comfyhub_task_queue_wait_seconds_bucket{server="gpu-a",le="7200"} 4',
         'comfyhub_task_queue_wait_seconds_bucket{server="gpu-a",le="+Inf"} 4',
-        'comfyhub_task_queue_wait_seconds_sum{server="gpu-a"} 435.5',
         'comfyhub_task_queue_wait_seconds_count{server="gpu-a"} 4',
+        'comfyhub_task_queue_wait_seconds_sum{server="gpu-a"} 435.5',
         'comfyhub_task_queue_wait_seconds_bucket{server="gpu-b",le="1"} 0',
         'comfyhub_task_queue_wait_seconds_bucket{server="gpu-b",le="5"} 0',
         'comfyhub_task_queue_wait_seconds_bucket{server="gpu-b",le="15"} 1',
@@ -133,8 +150,8 @@ def test_queue_waits_and_run_times_are_histograms_per_server(token, history):
         'comfyhub_task_queue_wait_seconds_bucket{server="gpu-b",le="3600"} 1',
         'comfyhub_task_queue_wait_seconds_bucket{server="gpu-b",le="7200"} 1',
         'comfyhub_task_queue_wait_seconds_bucket{server="gpu-b",le="+Inf"} 1',
-        'comfyhub_task_queue_wait_seconds_sum{server="gpu-b"} 10',
         'comfyhub_task_queue_wait_seconds_count{server="gpu-b"} 1',
+        'comfyhub_task_queue_wait_seconds_sum{server="gpu-b"} 10',
     ]
     runs = [line for line in lines if line.startswith("comfyhub_task_run_seconds") and 'server="gpu-a"' in line]
     assert runs == [
@@ -150,8 +167,8 @@ def test_queue_waits_and_run_times_are_histograms_per_server(token, history):
         'comfyhub_task_run_seconds_bucket{server="gpu-a",le="600"} 2',
         'comfyhub_task_run_seconds_bucket{server="gpu-a",le="1800"} 2',
         'comfyhub_task_run_seconds_bucket{server="gpu-a",le="+Inf"} 2',
-        'comfyhub_task_run_seconds_sum{server="gpu-a"} 47',
         'comfyhub_task_run_seconds_count{server="gpu-a"} 2',
+        'comfyhub_task_run_seconds_sum{server="gpu-a"} 47',
     ]
     assert 'comfyhub_task_run_seconds_bucket{server="gpu-b",le="10"} 1' in lines
     assert 'comfyhub_task_run_seconds_bucket{server="gpu-b",le="5"} 0' in lines
@@ -179,7 +196,7 @@ def test_it_counts_connects_upstream_errors_reconciliations_and_recoveries(token
 
 def test_the_page_is_valid_exposition_text(token, history):
     reply = scrape(token)
-    assert reply["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert reply["Content-Type"] == CONTENT_TYPE_LATEST
     text = reply.content.decode()
     assert text.endswith("\n")
     declared = {}
@@ -192,8 +209,10 @@ def test_the_page_is_valid_exposition_text(token, history):
             match = SAMPLE.match(line)
             assert match, line
             name = match.group(1)
-            family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in declared else name
+            family = re.sub(r"_(bucket|sum|count|total)$", "", name) if name not in declared else name
             assert family in declared, line
+            if name.endswith("_total"):
+                assert declared[family] == "counter", line
 
 
 def test_a_scrape_costs_the_same_queries_however_big_the_pool(token, alice, workflows):
@@ -255,7 +274,7 @@ def test_old_histogram_data_leaves_the_window(token, alice, workflows):
     )
     text = scrape(token).content.decode()
     assert 'server="gpu-old",le=' not in text
-    assert 'comfyhub_server_state{server="gpu-old",state="online"} 1' in text
+    assert 'comfyhub_server_state{server="gpu-old",state="online"} 1' in samples(text)
 
 
 def test_guessing_the_metrics_token_locks_the_address_out(token, settings):
