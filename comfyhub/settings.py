@@ -82,6 +82,7 @@ INSTALLED_APPS = [
     "servers",
     "tasks",
     "ops",
+    "bench",
 ]
 
 MIDDLEWARE = [
