@@ -5,12 +5,12 @@ import logging
 import time
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.contrib.auth import get_user_model
 from django.template.loader import render_to_string
 
 from ops.dashboard import dashboard
-from tasks.progress import OPS_GROUP
+from tasks.progress import OPS_GROUP, user_group
+from tasks.sockets import SignedInSocket
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +19,9 @@ logger = logging.getLogger(__name__)
 PUSH_INTERVAL = 1.0
 
 
-class OpsConsumer(AsyncWebsocketConsumer):
+class OpsConsumer(SignedInSocket):
+    flusher = None
+
     async def connect(self):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated or not user.is_staff:
@@ -27,18 +29,18 @@ class OpsConsumer(AsyncWebsocketConsumer):
             return
         self.user = user
         self.dirty_since = None
-        self.flusher = None
         self.last_flush = None
-        await self.channel_layer.group_add(OPS_GROUP, self.channel_name)
+        # The user's group too: a password change or a deactivation closes the staff's dashboards as well.
+        if not await self.join(OPS_GROUP, user_group(user.pk)):
+            await self.close()  # logged out (or password changed) while the handshake ran
+            return
         await self.accept()
         # The page may be older than this socket (a reconnect after a restart): send the pool as it is now.
         self.mark_dirty()
 
     async def disconnect(self, code):
-        if getattr(self, "user", None):
-            await self.channel_layer.group_discard(OPS_GROUP, self.channel_name)
-        if getattr(self, "flusher", None):
-            self.flusher.cancel()
+        self.stop_pushing()
+        await self.leave()
 
     async def receive(self, text_data=None, bytes_data=None):
         pass  # the page sends nothing we act on
@@ -46,7 +48,18 @@ class OpsConsumer(AsyncWebsocketConsumer):
     async def ops_update(self, event):
         self.mark_dirty()
 
+    async def task_update(self, event):
+        pass  # the user's group carries their task rows too; the dashboard re-reads the pool on ops.update
+
+    def stop_pushing(self):
+        self.signed_out = True
+        self.dirty_since = None
+        if self.flusher is not None:
+            self.flusher.cancel()  # a frame being rendered is dropped with it
+
     def mark_dirty(self):
+        if self.signed_out:
+            return
         # Coalesce: any number of updates before the next frame become that one frame.
         if self.dirty_since is None:
             self.dirty_since = time.monotonic()

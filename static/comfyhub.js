@@ -70,9 +70,51 @@
     });
   }
 
+  // The hub closes a socket with 4001 when its sign-in ended (logout, password change); htmx does not reconnect
+  // after that code. A socket refused at the handshake (signed out while it was down) closes with 1006, after
+  // which htmx retries with a growing random delay, forever. Either way ask the hub whether this window is still
+  // signed in: if so open the socket again (the session that changed the password is), if not reload the page,
+  // which leads to the login page and stops the retries.
+  var SIGNED_OUT = 4001;
+  var failedInARow = 0;
+  var lastCheck = 0;
+  var leaving = false;
+
+  function whenSignedIn(then) {
+    lastCheck = Date.now();
+    fetch("/", {method: "HEAD", redirect: "manual", credentials: "same-origin", cache: "no-store"})
+      .then(function (response) {
+        if (leaving) return;
+        if (response.type === "opaqueredirect" || response.status === 401 || response.status === 403) {
+          window.location.reload();
+        } else if (response.ok && then) {
+          then();
+        }
+      })
+      .catch(function () {
+        // The hub does not answer: htmx's own retries (or the next close) will ask again.
+      });
+  }
+
+  window.addEventListener("beforeunload", function () { leaving = true; });
+
   document.addEventListener("htmx:wsOpen", function () {
+    failedInARow = 0;
     catchUp();
     setLive(true);
+  });
+  document.addEventListener("htmx:wsClose", function (event) {
+    if (leaving) return;
+    failedInARow += 1;
+    var code = event.detail && event.detail.event ? event.detail.event.code : 0;
+    var wrapper = event.detail ? event.detail.socketWrapper : null;
+    if (code === SIGNED_OUT) {
+      whenSignedIn(function () {
+        if (wrapper) setTimeout(wrapper.reconnect, 500 + Math.random() * 1000);
+      });
+    } else if (failedInARow >= 2 && Date.now() - lastCheck > 10000) {
+      whenSignedIn(null);
+    }
   });
   document.addEventListener("htmx:afterSettle", function () {
     dedupeRows();

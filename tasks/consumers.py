@@ -4,12 +4,12 @@ import asyncio
 import logging
 
 from channels.db import database_sync_to_async
-from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.template.loader import render_to_string
 
 from tasks.models import TaskStatus
 from tasks.progress import user_group
+from tasks.sockets import SignedInSocket
 from tasks.submission import user_tasks
 
 logger = logging.getLogger(__name__)
@@ -17,30 +17,37 @@ logger = logging.getLogger(__name__)
 SEEN_UPDATES = 2000  # update ids a feed remembers: far more than arrive between two copies of one update
 
 
-class TaskConsumer(AsyncWebsocketConsumer):
+class TaskConsumer(SignedInSocket):
+    feed = None
+
     async def connect(self):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await self.close()  # before accept: the handshake is refused with 403
             return
         self.user = user
-        self.group = user_group(user.pk)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        if not await self.join(user_group(user.pk)):
+            await self.close()  # logged out (or password changed) while the handshake ran
+            return
         await self.accept()
         self.feed = UserFeed.join(user, self)
 
     async def disconnect(self, code):
-        if getattr(self, "feed", None):
-            self.feed.leave(self)
-        if getattr(self, "group", None):
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        self.stop_pushing()
+        await self.leave()
 
     async def receive(self, text_data=None, bytes_data=None):
         pass  # the page sends nothing we act on: every action is an ordinary HTTP request
 
     async def task_update(self, event):
-        if getattr(self, "feed", None):
+        if self.feed is not None:
             self.feed.add(event)
+
+    def stop_pushing(self):
+        # Leaving the feed drops this window from the frame being rendered; other windows still get theirs.
+        feed, self.feed = self.feed, None
+        if feed is not None:
+            feed.leave(self)
 
 
 class UserFeed:
@@ -108,6 +115,8 @@ class UserFeed:
             if not html:
                 continue
             for socket in list(self.sockets):
+                if socket not in self.sockets:
+                    continue  # signed out while an earlier window was being sent to
                 try:
                     await socket.send(text_data=html)
                 except Exception:
