@@ -82,7 +82,8 @@
 
   function whenSignedIn(then) {
     lastCheck = Date.now();
-    fetch("/", {method: "HEAD", redirect: "manual", credentials: "same-origin", cache: "no-store"})
+    // The home page needs a sign-in: a redirect (to the login page) means this window has none any more.
+    fetch("/", {redirect: "manual", credentials: "same-origin", cache: "no-store"})
       .then(function (response) {
         if (leaving) return;
         if (response.type === "opaqueredirect" || response.status === 401 || response.status === 403) {
