@@ -5,6 +5,10 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "comfyhub.settings")
 django_asgi_app = get_asgi_application()
 
+from comfyhub.daphne_bodies import leave_bodies_to_django  # noqa: E402
+
+leave_bodies_to_django()
+
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402

@@ -69,7 +69,11 @@ def api_view(*methods):
             elif not request.user.is_authenticated:
                 return error(401, "not_authenticated", "Log in or send an Authorization: Bearer token.")
             elif request.method not in ("GET", "HEAD", "OPTIONS"):
-                refused = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
+                try:
+                    refused = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
+                except MultiPartParserError:
+                    # The check reads the form's csrfmiddlewaretoken, and so parses the body first.
+                    return error(400, "bad_request", "The request could not be read.")
                 if refused is not None:
                     return error(403, "csrf_failed", "CSRF check failed: send the X-CSRFToken header.")
             try:
