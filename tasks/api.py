@@ -17,7 +17,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address, wait_message
 from tasks.models import ApiToken, TaskOutput, TaskStatus
-from tasks.params import BindingError
+from tasks.params import BindingError, check_tree
 from tasks.submission import QuotaExceeded, create_task, describe_size, store_upload, user_tasks
 from tasks.views import output_response, public_details, public_text, server_hosts
 
@@ -160,20 +160,11 @@ def _finite_float(text):
 
 
 def check_json_shape(value):
-    """Refuse what parses but no database or walk should meet: deep nesting and NUL characters."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise BindingError("The body is nested too deeply.", {"body": f"at most {MAX_JSON_DEPTH} levels"})
-        if isinstance(item, dict):
-            stack.extend((key, depth + 1) for key in item)
-            stack.extend((child, depth + 1) for child in item.values())
-        elif isinstance(item, list):
-            stack.extend((child, depth + 1) for child in item)
-        elif isinstance(item, str) and "\x00" in item:
-            # PostgreSQL refuses NUL in text and in jsonb: it would be a 500 there and a surprise on ComfyUI.
-            raise BindingError("The body has a NUL character in a string.", {"body": "text may not contain NUL"})
+    """
+    Refuse what parses but no database or walk should meet: deep nesting, and NUL characters or lone surrogates
+    ("\\ud800" is valid JSON, not UTF-8) in any string or key, named by their place: {"inputs.prompt": "..."}.
+    """
+    check_tree(value, max_depth=MAX_JSON_DEPTH)
 
 
 def parse_json_body(request):

@@ -125,7 +125,8 @@ class WorkflowForm(forms.Form):
             return None
         except BindingError as exc:
             self._discard(stored)
-            for field, message in exc.details.items():
+            for place, message in exc.details.items():
+                field = place.removeprefix("inputs.")  # create_task names places in its body: inputs.prompt
                 self.add_error(field if field in self.fields else None, message)
             if not exc.details:
                 self.add_error(None, exc.message)

@@ -9,6 +9,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from servers.models import Server
+from tasks.fields import JSONField
 
 
 class Workflow(models.Model):
@@ -17,8 +18,8 @@ class Workflow(models.Model):
     slug = models.SlugField(max_length=80, unique=True)
     name = models.CharField(max_length=200)
     description = models.TextField(blank=True)
-    graph = models.JSONField(help_text="The graph in ComfyUI's API format.")
-    parameters = models.JSONField(default=list, blank=True, help_text="See the README: workflow file format.")
+    graph = JSONField(help_text="The graph in ComfyUI's API format.")
+    parameters = JSONField(default=list, blank=True, help_text="See the README: workflow file format.")
     enabled = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -73,10 +74,10 @@ class Task(models.Model):
     workflow = models.ForeignKey(
         Workflow, null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks"
     )
-    inputs = models.JSONField(default=dict, blank=True)
-    graph = models.JSONField(help_text="The resolved graph sent to ComfyUI.")
+    inputs = JSONField(default=dict, blank=True)
+    graph = JSONField(help_text="The resolved graph sent to ComfyUI.")
     # [{"node": id, "input": name, "upload": upload id}]: images copied to the task's server before the prompt.
-    image_inputs = models.JSONField(default=list, blank=True)
+    image_inputs = JSONField(default=list, blank=True)
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001  (NULL: no key, not unique)
     priority = models.IntegerField(default=0)
 
@@ -100,7 +101,7 @@ class Task(models.Model):
 
     error = models.TextField(blank=True)
     error_kind = models.CharField(max_length=40, blank=True)
-    error_details = models.JSONField(default=dict, blank=True)
+    error_details = JSONField(default=dict, blank=True)
     # Why a queued task is not being sent anywhere (no capable server online, user limit), shown to its owner.
     waiting_reason = models.CharField(max_length=300, blank=True)
     # Identical graphs of one user are pinned to one server while pending: ComfyUI answers them from its cache.
@@ -471,7 +472,7 @@ class TaskEvent(models.Model):
     server = models.ForeignKey(Server, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     prompt_id = models.CharField(max_length=64, blank=True)
     message = models.TextField(blank=True)
-    detail = models.JSONField(default=dict, blank=True)
+    detail = JSONField(default=dict, blank=True)
 
     class Meta:
         ordering = ["at", "pk"]

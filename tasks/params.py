@@ -13,6 +13,19 @@ import uuid
 PARAMETER_TYPES = ("text", "int", "float", "seed", "choice", "image")
 SEED_MAX = 2**64 - 1  # ComfyUI's KSampler accepts 0 .. 0xffffffffffffffff
 MAX_TEXT = 10_000
+# Node inputs that name a file in a server's input or output folder, which every user of that server shares: only
+# an upload (a name the hub made) may go there, through an "image" parameter, never a name a user typed.
+FILE_INPUT_NAMES = frozenset({"image", "video", "audio", "file", "model_file", "latent"})  # on nodes named Load*
+FILE_INPUTS = frozenset(
+    {
+        ("VHS_LoadVideo", "video"),
+        ("VHS_LoadVideoPath", "video"),
+        ("VHS_LoadAudio", "audio_file"),
+        ("VHS_LoadImagePath", "image"),
+        ("VHS_LoadImages", "directory"),
+        ("VHS_LoadImagesPath", "directory"),
+    }
+)
 
 
 class BindingError(ValueError):
@@ -24,6 +37,66 @@ class BindingError(ValueError):
         super().__init__(message)
         self.message = message
         self.details = details or {}
+
+
+def text_problem(text):
+    """Why `text` cannot be stored or sent (a NUL, a lone surrogate), as a sentence; None when it can."""
+    if "\x00" in text:
+        # PostgreSQL refuses NUL in text and in jsonb: it would be a 500 there and a surprise on ComfyUI.
+        return "must not contain NUL characters"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # JSON allows "\ud800" but UTF-8 cannot hold it: no database, page or ComfyUI server could take it.
+            return f"is not valid text: it holds a lone surrogate (\\u{ord(text[exc.start]):04x})"
+    return None
+
+
+def printable(text):
+    """`text` fit to be shown back in an error: lone surrogates and NULs as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def _place(path):
+    return ".".join(printable(str(part)) for part in path) or "body"
+
+
+def check_tree(value, max_depth=64):
+    """
+    Refuse what parses but no database, page or server should meet: nesting deeper than `max_depth`, and text,
+    keys too, that `text_problem` refuses. Details name the place, e.g. {"inputs.prompt": "..."}.
+    """
+    stack = [(value, 1, ())]
+    while stack:
+        item, depth, path = stack.pop()
+        if depth > max_depth:
+            raise BindingError("The body is nested too deeply.", {_place(path[:1]): f"at most {max_depth} levels"})
+        if isinstance(item, dict):
+            for key, child in item.items():
+                place = (*path, key)
+                problem = text_problem(key) if isinstance(key, str) else None
+                if problem:
+                    raise BindingError(
+                        "The body holds a name that is not valid text.", {_place(place): f"this name {problem}"}
+                    )
+                stack.append((child, depth + 1, place))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1, (*path, index)) for index, child in enumerate(item))
+        elif isinstance(item, str):
+            problem = text_problem(item)
+            if problem:
+                raise BindingError("The body holds text that is not valid.", {_place(path): problem})
+
+
+def names_server_file(node, input_name):
+    """Whether input `input_name` of `node` names a file on the server (LoadImage's image and the like)."""
+    class_type = node.get("class_type") if isinstance(node, dict) else None
+    if not isinstance(class_type, str) or not isinstance(input_name, str):
+        return False
+    return (class_type, input_name) in FILE_INPUTS or (
+        class_type.startswith("Load") and input_name in FILE_INPUT_NAMES
+    )
 
 
 def validate_declarations(graph, parameters):
@@ -63,6 +136,12 @@ def validate_declarations(graph, parameters):
             problems.append(
                 f"{where} points at input {param.get('input')!r}, which node {param.get('node')} lacks"
             )
+        elif param.get("type") != "image" and names_server_file(node, param.get("input")):
+            problems.append(
+                f"{where} lets users type the {param.get('input')} of {node['class_type']} (node "
+                f"{param.get('node')}), a file name on the server: declare it with type image, so that only "
+                "the user's own uploads can go there"
+            )
         if param.get("type") == "choice" and not (
             isinstance(param.get("choices"), list) and param["choices"]
         ):
@@ -90,8 +169,9 @@ def _clean(param, value):
             raise ValueError("must be text")
         if len(value) > param.get("max_length", MAX_TEXT):
             raise ValueError(f"must be at most {param.get('max_length', MAX_TEXT)} characters")
-        if "\x00" in value:
-            raise ValueError("must not contain NUL characters")
+        problem = text_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
     if kind in ("int", "seed"):
         if isinstance(value, str):
@@ -146,10 +226,16 @@ def bind(graph, parameters, inputs, find_upload):
     if not isinstance(inputs, dict):
         raise BindingError("inputs must be an object", {"inputs": "must be an object of parameter values"})
     declared = {param["name"]: param for param in parameters}
-    errors = {name: "is not a parameter of this workflow" for name in inputs if name not in declared}
+    errors = {printable(str(name)): "is not a parameter of this workflow" for name in inputs if name not in declared}
     graph = copy.deepcopy(graph)
     cleaned, images = {}, []
     for name, param in declared.items():
+        if param["type"] != "image" and names_server_file(graph.get(str(param["node"])), param["input"]):
+            # A workflow stored before validate_declarations refused this: a typed name could read another's file.
+            errors[name] = (
+                "names a file on the server, where only your uploads may go; an operator must declare it as an image"
+            )
+            continue
         value = inputs.get(name)
         if value is None or value == "":
             if param["type"] == "seed":

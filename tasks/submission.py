@@ -2,6 +2,8 @@
 
 import hashlib
 import io
+import re
+import secrets
 import uuid
 
 from django.conf import settings
@@ -13,7 +15,7 @@ from servers.dispatch import judge_pool
 from servers.models import Server
 from servers.upstream import wake_supervisors
 from tasks.models import Task, TaskEvent, TaskStatus, Upload, Workflow, graph_digest
-from tasks.params import BindingError, bind
+from tasks.params import BindingError, bind, check_tree, text_problem
 from tasks.progress import emit_task_update
 
 UPLOAD_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -33,6 +35,36 @@ def validate_graph(graph):
         if not isinstance(node.get("inputs", {}), dict):
             return f"node {node_id} has inputs that are not an object"
     return None
+
+
+HUB_PREFIX = re.compile(r"^ch-[0-9a-f]{24}(-|$)")  # what private_output_names puts first
+
+
+def _with_prefixes(graph, make):
+    """`graph` with every node input named filename_prefix set to make(the author's prefix as a plain name)."""
+    changed = {}
+    for node_id, node in graph.items():
+        inputs = node.get("inputs") or {}
+        if "filename_prefix" in inputs:
+            value = inputs["filename_prefix"]
+            # The last path part, without a hub prefix (a raw graph run again): never a folder, never "..".
+            name = re.split(r"[/\\]", value)[-1] if isinstance(value, str) else ""
+            name = re.sub(r"[^A-Za-z0-9_-]", "", HUB_PREFIX.sub("", name))[:40]
+            changed[node_id] = {**node, "inputs": {**inputs, "filename_prefix": make(name)}}
+    return {**graph, **changed}
+
+
+def private_output_names(graph):
+    """
+    Return (the graph to send, its affinity hash). Every SaveImage-like node (any input named filename_prefix:
+    SaveImage, SaveAnimatedWEBP, SaveVideo...) gets a prefix made for this task: a server's output folder is shared
+    by all its users and ComfyUI numbers files in sequence (ComfyUI_00003_.png), so a plain prefix lets anyone who
+    can reach the server guess another task's files. The author's prefix follows, as a plain name. The hash is
+    taken without the task's prefix: identical graphs of one user still meet on one server, for ComfyUI's cache.
+    """
+    token = f"ch-{secrets.token_hex(12)}"
+    affinity = graph_digest(_with_prefixes(graph, lambda name: name))
+    return _with_prefixes(graph, lambda name: f"{token}-{name}" if name else token), affinity
 
 
 class Unrunnable(BindingError):
@@ -69,6 +101,8 @@ def check_quota(user):
 
 def create_task(user, body):
     """Validate a submission and create its task; returns (task, created) or raises BindingError / PermissionError."""
+    # Before anything looks text up: a lone surrogate in a slug or key is a database error on PostgreSQL.
+    check_tree(body)
     allowed = {"workflow", "inputs", "prompt", "idempotency_key", "priority"}
     unknown = sorted(set(body) - allowed)
     if unknown:
@@ -120,6 +154,7 @@ def create_task(user, body):
         if body.get("inputs"):
             raise BindingError("Inputs only apply to a workflow.", {"inputs": "only with a workflow"})
     check_runnable(graph, "workflow" if has_workflow else "prompt")
+    graph, graph_hash = private_output_names(graph)
     try:
         with transaction.atomic():
             task = Task.objects.create(
@@ -128,7 +163,7 @@ def create_task(user, body):
                 inputs=inputs,
                 graph=graph,
                 image_inputs=images,
-                graph_hash=graph_digest(graph),
+                graph_hash=graph_hash,
                 idempotency_key=key,
                 priority=priority,
             )
@@ -175,6 +210,10 @@ def read_image(upload):
 
 
 def store_upload(user, upload):
+    problem = text_problem(upload.name or "")
+    if problem:
+        # Django's multipart parser replaces undecodable bytes; a name made in code may still hold "\ud800".
+        raise BindingError("The file name is not valid text.", {"image": f"has a file name that {problem}"})
     data, fmt, width, height = read_image(upload)
     row = Upload(
         id=uuid.uuid4(),

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from tasks.models import Workflow
-from tasks.params import validate_declarations
+from tasks.params import BindingError, check_tree, validate_declarations
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "workflows"
 
@@ -33,6 +33,10 @@ def read_workflow_file(path):
         if not isinstance(data.get(key), str) or not data[key].strip():
             problems.append(f"{key} is required")
     problems += validate_declarations(data.get("graph"), data.get("parameters", []))
+    try:
+        check_tree(data)  # "\ud800" is valid JSON: it would be stored, and fail every page that shows it
+    except BindingError as exc:
+        problems += [f"{place} {sentence}" for place, sentence in exc.details.items()]
     if problems:
         raise WorkflowFileError(f"{path}: " + "; ".join(problems))
     return data

@@ -61,7 +61,10 @@ def test_a_task_runs_to_completion_with_its_outputs_stored(alice_api, workflows,
     body = alice_api.task(task.pk)
     assert body["status"] == "succeeded" and body["server"] == "gpu-a"
     [output] = body["outputs"]
-    assert output["filename"].startswith("invert_") and output["content_type"] == "image/png"
+    # The file name on the server starts with the task's own unguessable prefix, then the author's.
+    assert output["filename"].startswith(task.graph["3"]["inputs"]["filename_prefix"] + "_")
+    assert output["filename"].startswith("ch-") and "-invert_" in output["filename"]
+    assert output["content_type"] == "image/png"
     download = alice_api.get(output["url"])
     content = b"".join(download.streaming_content)
     # Byte-identical to what the task's own server produced.
@@ -75,9 +78,26 @@ def test_a_task_runs_to_completion_with_its_outputs_stored(alice_api, workflows,
     assert simulator.sim.executed_prompt_ids.count(task.prompt_id) == 1
 
 
-def test_a_fully_cached_rerun_still_succeeds_with_outputs(alice_api, workflows, server, simulator, hub):
+def test_a_rerun_from_comfyuis_cache_still_succeeds_with_its_own_outputs(alice_api, workflows, server, simulator,
+                                                                         hub):
     first = finished(alice_api.submit("invert", {"color": 77}).json()["id"])
     second = finished(alice_api.submit("invert", {"color": 77}).json()["id"])
+    assert second.status == TaskStatus.SUCCEEDED, second.error
+    assert second.progress == 1.0
+    assert second.graph_hash == first.graph_hash and second.server == first.server
+    # Only the save node runs again (its prefix is the task's own); the nodes before it come from the cache.
+    [a], [b] = first.outputs.all(), second.outputs.all()
+    assert a.filename != b.filename and b.filename.startswith(second.graph["3"]["inputs"]["filename_prefix"])
+
+
+def test_a_fully_cached_rerun_still_succeeds_with_outputs(admin_api, server, simulator, hub):
+    # A graph without a save node is the same graph each time: ComfyUI answers it from its cache alone.
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 77}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    }
+    first = finished(admin_api.post("/api/v1/tasks", {"prompt": graph}).json()["id"])
+    second = finished(admin_api.post("/api/v1/tasks", {"prompt": graph}).json()["id"])
     assert second.status == TaskStatus.SUCCEEDED, second.error
     assert second.progress == 1.0
     [a], [b] = first.outputs.all(), second.outputs.all()
@@ -102,14 +122,15 @@ def test_a_runtime_node_error_is_stored_with_the_node(admin_api, server, simulat
     graph = {
         "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 3}},
         "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "../escape"}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
     }
+    simulator.fail_node("2", "GPU on fire")
     task = finished(admin_api.post("/api/v1/tasks", {"prompt": graph}).json()["id"])
     assert task.status == TaskStatus.FAILED
     assert task.error_kind == "node_error"
-    assert task.error_details["node_id"] == "3"
-    assert task.error_details["node_type"] == "SaveImage"
-    assert "Saving image outside the output folder is not allowed" in task.error
+    assert task.error_details["node_id"] == "2"
+    assert task.error_details["node_type"] == "ImageInvert"
+    assert "GPU on fire" in task.error
     assert task.outputs.count() == 0
 
 

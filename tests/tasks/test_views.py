@@ -275,7 +275,10 @@ def test_run_again_and_with_a_new_seed(alice, alice_browser, workflows):
     again = alice_browser.post(f"/tasks/{first.pk}/rerun")
     second = Task.objects.exclude(pk=first.pk).get()
     assert again["Location"] == f"/tasks/{second.pk}/"
-    assert second.inputs == first.inputs and second.graph == first.graph
+    # The same graph (same affinity hash), but its own unguessable file names on the server.
+    assert second.inputs == first.inputs and second.graph_hash == first.graph_hash
+    prefixes = [task.graph["9"]["inputs"].pop("filename_prefix") for task in (first, second)]
+    assert second.graph == first.graph and prefixes[0] != prefixes[1]
     alice_browser.post(f"/tasks/{first.pk}/rerun", {"new_seed": "1"})
     third = Task.objects.exclude(pk__in=[first.pk, second.pk]).get()
     assert third.inputs["seed"] != first.inputs["seed"]
