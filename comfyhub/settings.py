@@ -77,6 +77,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.humanize",
     "channels",
+    "axes",
     "django_htmx",
     "template_partials",
     "servers",
@@ -96,6 +97,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Last, as its docs ask: it turns a login that axes refused into the lockout page (comfyhub/lockout.py).
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "comfyhub.urls"
@@ -175,7 +178,7 @@ if REDIS_URL:
             },
         }
     }
-    # The login and token failure counters (comfyhub/ratelimit.py) must be shared by every process.
+    # The bearer-token failure counters (comfyhub/ratelimit.py) must be shared by every process.
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
@@ -195,8 +198,8 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
-# LoginThrottle refuses logins of a locked-out username or address before ModelBackend checks the password.
-AUTHENTICATION_BACKENDS = ["comfyhub.ratelimit.LoginThrottle", "django.contrib.auth.backends.ModelBackend"]
+# Axes refuses a locked-out login before ModelBackend checks the password (the login page's and the admin's).
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
@@ -251,12 +254,17 @@ COMFYHUB = {
     "EMBEDDED_SUPERVISOR": env_bool("COMFYHUB_EMBEDDED_SUPERVISOR", not REDIS_URL),
     # Bearer token that lets a Prometheus scraper read /metrics. Empty: only staff sessions may read it.
     "METRICS_TOKEN": os.environ.get("COMFYHUB_METRICS_TOKEN", ""),
-    # Failed logins one username, or one address, may have within LOCKOUT_SECONDS before every further attempt
-    # is refused until that window (counted from the first failure) has passed. An address gets more: several
-    # people may share one behind a NAT.
-    "LOGIN_FAILURES_PER_USERNAME": env_int("COMFYHUB_LOGIN_FAILURES_PER_USERNAME", 5, minimum=1),
+    # Failed logins of one username from one address before that username is locked out *from that address*
+    # (elsewhere it still logs in), and failed logins from one address, whatever the usernames, before the
+    # address is locked out (credential stuffing; more, because several people may share an address behind a
+    # NAT). A failure counts for LOCKOUT_SECONDS after the latest failure of its username and address; while
+    # locked, the right password is refused too. See comfyhub/lockout.py (django-axes).
+    "LOGIN_FAILURES_PER_USERNAME_AND_ADDRESS": env_int(
+        "COMFYHUB_LOGIN_FAILURES_PER_USERNAME_AND_ADDRESS", 5, minimum=1
+    ),
     "LOGIN_FAILURES_PER_ADDRESS": env_int("COMFYHUB_LOGIN_FAILURES_PER_ADDRESS", 20, minimum=1),
-    # Invalid API bearer tokens one address may send within LOCKOUT_SECONDS.
+    # Invalid API bearer tokens one address may send within LOCKOUT_SECONDS (from the first of them) before its
+    # invalid tokens are answered 429. A valid token is never refused.
     "TOKEN_FAILURES_PER_ADDRESS": env_int("COMFYHUB_TOKEN_FAILURES_PER_ADDRESS", 20, minimum=1),
     "LOCKOUT_SECONDS": env_int("COMFYHUB_LOCKOUT_SECONDS", 300, minimum=1),
     # Times one step of one task (send, reconcile, finish, cancel, ...) may fail the same way with an error the
@@ -266,6 +274,30 @@ COMFYHUB = {
     # (offline since the hub started); then it fails with error_kind "no_capable_server".
     "UNRUNNABLE_SECONDS": env_int("COMFYHUB_UNRUNNABLE_SECONDS", 600, minimum=1),
 }
+
+# Variables renamed when their meaning changed: a value set for the old meaning must not pass unseen.
+RENAMED_VARIABLES = {
+    "COMFYHUB_LOGIN_FAILURES_PER_USERNAME": (
+        "COMFYHUB_LOGIN_FAILURES_PER_USERNAME_AND_ADDRESS: failed logins lock a username out from the address "
+        "they came from only"
+    ),
+}
+for _old, _new in RENAMED_VARIABLES.items():
+    if _old in os.environ:
+        raise ImproperlyConfigured(f"{_old} is now {_new}.")
+
+# django-axes, configured through comfyhub/lockout.py from the COMFYHUB values above (so that one setting
+# changed in a test or the environment changes both). Attempts are database rows: every process shares them.
+AXES_HANDLER = "comfyhub.lockout.LockoutHandler"
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]  # the address cap is LockoutHandler's (axes has one limit)
+AXES_FAILURE_LIMIT = "comfyhub.lockout.failure_limit"
+AXES_COOLOFF_TIME = "comfyhub.lockout.cool_off"
+AXES_RESET_ON_SUCCESS = True  # a login forgets its username's failures from that address (only those)
+# An attempt refused while locked out is not counted: the wait the page shows is the wait there is.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_USERNAME_CALLABLE = "comfyhub.lockout.username_key"
+AXES_CLIENT_IP_CALLABLE = "comfyhub.lockout.client_ip"  # REMOTE_ADDR as Daphne (--proxy-headers) sets it
+AXES_LOCKOUT_CALLABLE = "comfyhub.lockout.lockout_response"
 
 # --- Production -----------------------------------------------------------------------------------------
 # COMFYHUB_PRODUCTION=true is the one switch that says "real users reach this hub over HTTPS". Settings then
@@ -284,6 +316,11 @@ if PRODUCTION:
         raise ImproperlyConfigured(
             "COMFYHUB_PRODUCTION is set, so SECRET_KEY must be a random string of at least 32 characters, "
             "not the embedded default; make one with: python -c 'import secrets; print(secrets.token_urlsafe(50))'"
+        )
+    if COMFYHUB["METRICS_TOKEN"] and len(COMFYHUB["METRICS_TOKEN"]) < 32:
+        raise ImproperlyConfigured(
+            "COMFYHUB_PRODUCTION is set, so COMFYHUB_METRICS_TOKEN must be empty or a random string of at least 32 "
+            "characters: the right token is never locked out, so it must be one nobody can guess."
         )
     if "*" in ALLOWED_HOSTS:
         raise ImproperlyConfigured(
@@ -308,6 +345,8 @@ LOGGING = {
     "loggers": {
         "daphne": {"level": "WARNING"},
         "httpx": {"level": "WARNING"},
+        # Failed logins and lockouts are warnings; its INFO lines (a start banner, every login and logout) are noise.
+        "axes": {"level": "WARNING"},
         # One line per task transition (ops/apps.py); WARNING silences them without silencing the rest.
         "comfyhub.tasks": {"level": os.environ.get("COMFYHUB_TASK_LOG_LEVEL", "INFO")},
     },

@@ -46,14 +46,15 @@ def may_read_metrics(request):
     token = settings.COMFYHUB.get("METRICS_TOKEN", "")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if token and scheme.lower() == "bearer":
-        # Wrong tokens count against the address like wrong API tokens; once locked out even the right one is
-        # refused until the window passes, so a guesser cannot tell a hit from a refusal.
-        address = client_address(request)
-        if TOKEN_BY_ADDRESS.retry_after(address):
-            return False
+        # The right token always passes, like a valid API token: a flood of wrong ones from the scraper's network
+        # must not blind the monitoring (in production the token has at least 32 characters: it cannot be
+        # guessed). Wrong ones count against the address like wrong API tokens; past the limit they are not
+        # counted any more until the window passes.
         if hmac.compare_digest(given.strip().encode(), token.encode()):
             return True
-        TOKEN_BY_ADDRESS.fail(address)
+        address = client_address(request)
+        if not TOKEN_BY_ADDRESS.retry_after(address):
+            TOKEN_BY_ADDRESS.fail(address)
         return False
     return request.user.is_authenticated and request.user.is_staff
 

@@ -277,14 +277,14 @@ def test_old_histogram_data_leaves_the_window(token, alice, workflows):
     assert 'comfyhub_server_state{server="gpu-old",state="online"} 1' in samples(text)
 
 
-def test_guessing_the_metrics_token_locks_the_address_out(token, settings):
+def test_guessing_the_metrics_token_does_not_lock_the_scraper_out(token, settings):
     settings.COMFYHUB = {**settings.COMFYHUB, "TOKEN_FAILURES_PER_ADDRESS": 3}
     # Addresses of their own in every run: with Redis the counters outlive the test database.
     guesser, other = (f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}.{n}" for n in (1, 2))
-    for _ in range(3):
+    for _ in range(10):
         reply = Client(HTTP_AUTHORIZATION="Bearer wrong-guess", REMOTE_ADDR=guesser).get("/metrics")
         assert reply.status_code == 404
-    # Locked out: the right token is refused too, so a hit cannot be told from a refusal.
-    assert Client(HTTP_AUTHORIZATION=f"Bearer {token}", REMOTE_ADDR=guesser).get("/metrics").status_code == 404
+    # The right token is never locked out (in production it has 32 characters or more: it cannot be guessed).
+    assert Client(HTTP_AUTHORIZATION=f"Bearer {token}", REMOTE_ADDR=guesser).get("/metrics").status_code == 200
     # Another address is not affected.
     assert Client(HTTP_AUTHORIZATION=f"Bearer {token}", REMOTE_ADDR=other).get("/metrics").status_code == 200

@@ -39,8 +39,9 @@ def run(*args, **env):
         ({"SECRET_KEY": "short-but-not-empty"}, "at least 32 characters"),
         ({"SECRET_KEY": "a" * 64}, "at least 32 characters"),
         ({"SECRET_KEY": GOOD_KEY, "ALLOWED_HOSTS": "*"}, "ALLOWED_HOSTS must name the hub's hosts"),
+        ({"SECRET_KEY": GOOD_KEY, "COMFYHUB_METRICS_TOKEN": "scrape"}, "COMFYHUB_METRICS_TOKEN must be empty or"),
     ],
-    ids=["debug", "no-key", "embedded-key", "short-key", "one-letter-key", "any-host"],
+    ids=["debug", "no-key", "embedded-key", "short-key", "one-letter-key", "any-host", "short-metrics-token"],
 )
 def test_production_refuses_to_start_unsafe(env, complaint):
     result = run("-c", "import django; django.setup()", COMFYHUB_PRODUCTION="true", **env)
