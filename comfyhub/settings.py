@@ -199,6 +199,7 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
 # Axes refuses a locked-out login before ModelBackend checks the password (the login page's and the admin's).
+# It needs the request: authenticate(request, ...) without one raises AxesBackendRequestParameterRequired.
 AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
