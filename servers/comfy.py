@@ -285,9 +285,21 @@ class ComfyClient:
     async def __aexit__(self, *exc):
         await self.close()
 
-    async def _request(self, method, path, **kwargs):
+    def _build(self, method, path, **kwargs):
+        """
+        The request, built apart from sending it: what cannot be encoded (a lone surrogate such as "\\ud800",
+        which JSON allows but UTF-8 does not, a NaN, a value JSON has no form for, a bad URL) is the caller's
+        request, not the server's state. It is a permanent rejection that certainly never left the hub.
+        """
         try:
-            reply = await self.http.request(method, path, **kwargs)
+            return self.http.build_request(method, path, **kwargs)
+        except (httpx.InvalidURL, UnicodeError, TypeError, ValueError, RecursionError) as exc:
+            raise ComfyRejected(f"the request could not be encoded: {_plain(exc)}", sent=False) from exc
+
+    async def _request(self, method, path, **kwargs):
+        request = self._build(method, path, **kwargs)
+        try:
+            reply = await self.http.send(request)
         except httpx.ConnectError as exc:
             raise ComfyUnavailable(f"cannot connect for {method} {path}: {exc}", sent=False) from exc
         except httpx.TimeoutException as exc:
@@ -373,32 +385,38 @@ class ComfyClient:
     async def view(self, output: OutputFile, *, max_bytes) -> tuple[bytes, str]:
         """Download one output file, refusing anything larger than max_bytes or shorter than announced."""
         params = {"filename": output.filename, "subfolder": output.subfolder, "type": output.type}
+        request = self._build("GET", "/view", params=params)
         try:
-            async with self.http.stream("GET", "/view", params=params) as reply:
-                if reply.status_code == 404:
-                    raise ComfyRejected(f"{output.filename} is not on the server", status=404)
-                if reply.status_code >= 400:
-                    error = ComfyRejected if reply.status_code < 500 else ComfyUnavailable
-                    raise error(
-                        f"/view {output.filename} answered {reply.status_code}", status=reply.status_code
-                    )
-                announced = reply.headers.get("content-length")
-                if announced is not None and int(announced) > max_bytes:
-                    raise ComfyRejected(
-                        f"{output.filename} is {announced} bytes, over the limit of {max_bytes}"
-                    )
-                chunks, size = [], 0
-                async for chunk in reply.aiter_bytes():
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise ComfyRejected(f"{output.filename} is over the limit of {max_bytes} bytes")
-                    chunks.append(chunk)
-                if announced is not None and size != int(announced):
-                    raise ComfyUnavailable(f"{output.filename}: got {size} of {announced} bytes")
-                content_type = reply.headers.get("content-type", "application/octet-stream").split(";")[0]
-                return b"".join(chunks), content_type
+            reply = await self.http.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise ComfyUnavailable(f"/view {output.filename} failed: {exc.__class__.__name__}") from exc
+        try:
+            if reply.status_code == 404:
+                raise ComfyRejected(f"{output.filename} is not on the server", status=404)
+            if reply.status_code >= 400:
+                error = ComfyRejected if reply.status_code < 500 else ComfyUnavailable
+                raise error(
+                    f"/view {output.filename} answered {reply.status_code}", status=reply.status_code
+                )
+            announced = reply.headers.get("content-length")
+            if announced is not None and int(announced) > max_bytes:
+                raise ComfyRejected(
+                    f"{output.filename} is {announced} bytes, over the limit of {max_bytes}"
+                )
+            chunks, size = [], 0
+            async for chunk in reply.aiter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ComfyRejected(f"{output.filename} is over the limit of {max_bytes} bytes")
+                chunks.append(chunk)
+            if announced is not None and size != int(announced):
+                raise ComfyUnavailable(f"{output.filename}: got {size} of {announced} bytes")
+            content_type = reply.headers.get("content-type", "application/octet-stream").split(";")[0]
+            return b"".join(chunks), content_type
+        except httpx.HTTPError as exc:
+            raise ComfyUnavailable(f"/view {output.filename} failed: {exc.__class__.__name__}") from exc
+        finally:
+            await reply.aclose()
 
     async def system_stats(self):
         return await self._json("GET", "/system_stats")
@@ -425,6 +443,11 @@ class ComfyClient:
         finally:
             await socket.close()
             await socket.wait_closed()
+
+
+def _plain(exc):
+    """An exception's text that can be stored and shown anywhere (a lone surrogate becomes its escape)."""
+    return str(exc).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class EventStream:
