@@ -104,24 +104,27 @@ async def check_server(server, fix):
             except ComfyError as exc:
                 findings.append(Finding("unreachable", f"could not read its history: {exc.message}", server.name))
                 break
-            if entry is not None:
-                finding = Finding(
-                    "finished_not_recorded", f"the server finished it; the hub still says {task.status}",
-                    server.name, task.pk, task.prompt_id,
-                )
-                if fix:
-                    await conn.finish(task, "consistency check", entry)
-                    status = await db(lambda task=task: Task.objects.get(pk=task.pk).status)()
-                    finding.action = f"completed from the server's history: now {status}"
-            else:
-                finding = Finding(
-                    "unknown_to_server", f"the hub says {task.status} there; it is in neither its queue nor history",
-                    server.name, task.pk, task.prompt_id,
-                )
-                if fix:
-                    done = await db(task.requeue)(f"{server.name} does not know it (consistency check)")
-                    finding.action = "requeued (or failed at the attempt limit)" if done else "it changed meanwhile"
-            findings.append(finding)
+            # One task that raises must not stop the check of the others.
+            async with conn.guard(task, "consistency"):
+                if entry is not None:
+                    finding = Finding(
+                        "finished_not_recorded", f"the server finished it; the hub still says {task.status}",
+                        server.name, task.pk, task.prompt_id,
+                    )
+                    if fix:
+                        await conn.finish(task, "consistency check", entry)
+                        status = await db(lambda task=task: Task.objects.get(pk=task.pk).status)()
+                        finding.action = f"completed from the server's history: now {status}"
+                else:
+                    finding = Finding(
+                        "unknown_to_server",
+                        f"the hub says {task.status} there; it is in neither its queue nor history",
+                        server.name, task.pk, task.prompt_id,
+                    )
+                    if fix:
+                        done = await db(task.requeue)(f"{server.name} does not know it (consistency check)")
+                        finding.action = "requeued (or failed at the attempt limit)" if done else "it changed meanwhile"
+                findings.append(finding)
         ours = [
             pid
             for pid in [*queue.running, *queue.pending]

@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from servers.comfy import ComfyError
 from servers.consistency import Standalone
+from servers.guard import step_guard
 from servers.upstream import Connection, db
 from tasks.models import Task, TaskStatus
 
@@ -78,16 +79,24 @@ async def recover(older_than=None, server_name=None, dry_run=False, task_ids=Non
     own = {}
     try:
         for task in tasks:
-            grade = await db(next_grade)(task)
-            if dry_run:
-                actions.append(Action(task.pk, grade, f"would apply (quiet since {task.last_event_at:%H:%M:%S})",
-                                      task.server.name))
-                continue
-            conn = (connections or {}).get(task.server_id)
-            if conn is None:
-                conn = own.get(task.server_id) or Connection(Standalone(), task.server)
-                own[task.server_id] = conn
-            actions.append(await apply(conn, task, grade))
+            conn = None
+            if not dry_run:
+                conn = (connections or {}).get(task.server_id)
+                if conn is None:
+                    conn = own.get(task.server_id) or Connection(Standalone(), task.server)
+                    own[task.server_id] = conn
+            # One task that raises must not stop the recovery of the others.
+            guard = conn.guard(task, "recovery") if conn else step_guard(task, "recovery", server=task.server)
+            async with guard as outcome:
+                grade = await db(next_grade)(task)
+                if dry_run:
+                    actions.append(Action(task.pk, grade, f"would apply (quiet since {task.last_event_at:%H:%M:%S})",
+                                          task.server.name))
+                    continue
+                actions.append(await apply(conn, task, grade))
+            if outcome.failed:
+                error = type(outcome.error).__name__
+                actions.append(Action(task.pk, "recovery", f"could not recover it: {error}", task.server.name))
     finally:
         for conn in own.values():
             await conn.client.close()

@@ -28,6 +28,7 @@ from django.utils import timezone
 from servers import pool
 from servers.comfy import Binary, ComfyClient, ComfyError, ComfyRejected, ComfyUnavailable
 from servers.dispatch import summarize_object_info
+from servers.guard import contained, plain, step_guard
 from servers.models import Lock, LockPurpose, Server, ServerState, StalePrompt, upstream_key
 from tasks import outputs
 from tasks.models import ON_SERVER_STATUSES, Task, TaskStatus, Upload
@@ -210,6 +211,31 @@ class Connection:
         if not task.cancelled() and task.exception() is not None:
             logger.error("background work for %s failed", self.server.name, exc_info=task.exception())
 
+    def guard(self, task, step):
+        """`async with conn.guard(task, step):` one task's step on this server (see servers/guard.py)."""
+        return step_guard(task, step, server=self.server, on_give_up=self.gave_up)
+
+    async def send_claimed(self, task, front=False):
+        """send() for the dispatcher, which has claimed the prompt in `sending` already."""
+        try:
+            async with self.guard(task, "send"):
+                await self.send(task, front=front)
+        finally:
+            self.sending.discard(task.prompt_id)
+
+    async def gave_up(self, prompt_id):
+        """The task failed for good in a step of ours: stop following it, and take it off the server."""
+        self.forget(prompt_id)
+        self.supervisor.wake.set()
+        try:
+            where = (await self.client.queue()).where(prompt_id)
+            if where == "pending":
+                await self.client.delete_from_queue([prompt_id])
+            elif where == "running":
+                await self.client.interrupt(prompt_id)
+        except ComfyError as exc:
+            logger.info("%s: could not take %s off the server: %s", self.server.name, prompt_id, exc.message)
+
     async def run(self):
         backoff = 0.2
         while not self.stopping:
@@ -231,7 +257,11 @@ class Connection:
                     self.stream = stream
                     async for message in stream:
                         self.last_frame_at = time.monotonic()
-                        await self.handle(message)
+                        try:
+                            await self.handle(message)
+                        except Exception:
+                            # One task's message must never take the connection down for every other task.
+                            logger.exception("%s: could not handle a %s message", self.server.name, message.type)
                 if self.orphaned:
                     raise ComfyUnavailable("the websocket received nothing after a prompt: reconnecting (§2.6)")
                 raise ComfyUnavailable("the server closed the websocket")
@@ -334,26 +364,34 @@ class Connection:
             return
         queue = await self.client.queue()
         for item in stale:
-            where = queue.where(item.prompt_id)
-            detail = {"server": self.server.name, "prompt_id": item.prompt_id}
-            if where == "pending":
-                await self.client.delete_from_queue([item.prompt_id])
-                await db(item.task.record)(
-                    "stale_deleted", f"its old copy was deleted from {self.server.name}", detail,
-                    server=self.server, prompt_id=item.prompt_id, touch=False,
-                )
-            elif where == "running":
-                await self.client.interrupt(item.prompt_id)
-                await db(item.task.record)(
-                    "stale_interrupted", f"its old copy ran on {self.server.name}", detail,
-                    server=self.server, prompt_id=item.prompt_id, touch=False,
-                )
-            elif await self.client.history(item.prompt_id) is not None:
-                await db(item.task.record)(
-                    "late_result_ignored", f"{self.server.name} finished its old copy; the result is ignored", detail,
-                    server=self.server, prompt_id=item.prompt_id, touch=False,
-                )
-            await db(item.delete)()
+            try:
+                await self.clear_stale_prompt(item, queue.where(item.prompt_id))
+            except (asyncio.CancelledError, ComfyUnavailable):
+                raise
+            except Exception:
+                # Not counted against the task: it lives on elsewhere now. The next connect tries again.
+                logger.exception("%s: could not clear the stale prompt %s", self.server.name, item.prompt_id)
+
+    async def clear_stale_prompt(self, item, where):
+        detail = {"server": self.server.name, "prompt_id": item.prompt_id}
+        if where == "pending":
+            await self.client.delete_from_queue([item.prompt_id])
+            await db(item.task.record)(
+                "stale_deleted", f"its old copy was deleted from {self.server.name}", detail,
+                server=self.server, prompt_id=item.prompt_id, touch=False,
+            )
+        elif where == "running":
+            await self.client.interrupt(item.prompt_id)
+            await db(item.task.record)(
+                "stale_interrupted", f"its old copy ran on {self.server.name}", detail,
+                server=self.server, prompt_id=item.prompt_id, touch=False,
+            )
+        elif await self.client.history(item.prompt_id) is not None:
+            await db(item.task.record)(
+                "late_result_ignored", f"{self.server.name} finished its old copy; the result is ignored", detail,
+                server=self.server, prompt_id=item.prompt_id, touch=False,
+            )
+        await db(item.delete)()
 
     # --- websocket messages ---------------------------------------------------------------------------
 
@@ -370,34 +408,35 @@ class Connection:
         task = await self.task_for(prompt_id)
         if task is None:
             return  # another client's job, or one this hub already finished
-        tracker = self.trackers.setdefault(prompt_id, ProgressTracker(task.graph))
-        if kind == "execution_start":
-            self.running_prompt = prompt_id
-            await self.started(task)
-        elif kind == "execution_cached":
-            tracker.cached(data.get("nodes") or [])
-            await self.started(task)
-        elif kind == "executing":
-            node = data.get("node")
-            if node is None:
-                self.finish_soon(task, "executing node null")
-            else:
+        async with self.guard(task, "message"):
+            tracker = self.trackers.setdefault(prompt_id, ProgressTracker(task.graph))
+            if kind == "execution_start":
                 self.running_prompt = prompt_id
-                tracker.executing(str(node))
                 await self.started(task)
-        elif kind == "progress":
-            tracker.step(
-                str(data.get("node")) if data.get("node") is not None else None,
-                data.get("value"),
-                data.get("max"),
-            )
-        elif kind == "progress_state":
-            if isinstance(data.get("nodes"), dict):
-                tracker.state(data["nodes"])
-        elif kind == "executed":
-            tracker.finished(data.get("node"))
-        elif kind in ("execution_success", "execution_error", "execution_interrupted"):
-            self.finish_soon(task, kind)
+            elif kind == "execution_cached":
+                tracker.cached(data.get("nodes") or [])
+                await self.started(task)
+            elif kind == "executing":
+                node = data.get("node")
+                if node is None:
+                    self.finish_soon(task, "executing node null")
+                else:
+                    self.running_prompt = prompt_id
+                    tracker.executing(str(node))
+                    await self.started(task)
+            elif kind == "progress":
+                tracker.step(
+                    str(data.get("node")) if data.get("node") is not None else None,
+                    data.get("value"),
+                    data.get("max"),
+                )
+            elif kind == "progress_state":
+                if isinstance(data.get("nodes"), dict):
+                    tracker.state(data["nodes"])
+            elif kind == "executed":
+                tracker.finished(data.get("node"))
+            elif kind in ("execution_success", "execution_error", "execution_interrupted"):
+                self.finish_soon(task, kind)
 
     async def task_for(self, prompt_id):
         task = self.tasks.get(prompt_id)
@@ -442,9 +481,10 @@ class Connection:
                 task = self.tasks.get(prompt_id)
                 if not tracker.dirty or task is None or prompt_id in self.finishing:
                     continue
-                since, tracker.dirty = tracker.since, False
-                if await db(task.set_progress)(tracker.value):
-                    await aemit_task_update(task, upstream_at=since)
+                async with self.guard(task, "progress"):
+                    since, tracker.dirty = tracker.since, False
+                    if await db(task.set_progress)(tracker.value):
+                        await aemit_task_update(task, upstream_at=since)
 
     # --- submission -----------------------------------------------------------------------------------
 
@@ -513,10 +553,9 @@ class Connection:
         self.sending.add(prompt_id)  # taken: every other path now leaves it alone; send() clears it at its end
         try:
             await db(fresh.record)("resubmitted", message)
-        except BaseException:
-            self.sending.discard(prompt_id)
-            raise
-        await self.send(fresh)
+            await self.send(fresh)
+        finally:
+            self.sending.discard(prompt_id)  # send() clears it too, unless it failed before its first line
         return True
 
     async def expect_frames(self, stream, since, within=3.0):
@@ -597,35 +636,36 @@ class Connection:
             prompt_id = task.prompt_id
             if prompt_id in self.sending or prompt_id in self.finishing:
                 continue
-            # Followed by this socket since before this pass: its start or end should have come over the socket.
-            followed = reason == "timer" and prompt_id in self.own_prompts
-            if prompt_id not in self.own_prompts:
-                self.adopted.add(prompt_id)
-            self.tasks[prompt_id] = task
-            where = queue.where(prompt_id)
-            if where == "running":
-                self.running_prompt = prompt_id
-                if task.status == TaskStatus.SUBMITTED and await db(task.mark_running)("queue"):
+            async with self.guard(task, "reconcile"):
+                # Followed by this socket since before this pass: its start or end should have come over the socket.
+                followed = reason == "timer" and prompt_id in self.own_prompts
+                if prompt_id not in self.own_prompts:
+                    self.adopted.add(prompt_id)
+                self.tasks[prompt_id] = task
+                where = queue.where(prompt_id)
+                if where == "running":
+                    self.running_prompt = prompt_id
+                    if task.status == TaskStatus.SUBMITTED and await db(task.mark_running)("queue"):
+                        missed += followed
+                    continue
+                if where == "pending":
+                    if task.accepted_at is None:
+                        await db(task.mark_accepted)()
+                    continue
+                # In neither queue list: it has finished (history), or the server never got it or lost it.
+                entry = await self.client.history(prompt_id)
+                if entry is not None:
+                    await self.finish(task, f"history ({reason})", entry)
                     missed += followed
-                continue
-            if where == "pending":
-                if task.accepted_at is None:
-                    await db(task.mark_accepted)()
-                continue
-            # In neither queue list: it has finished (history), or the server never got it or lost it.
-            entry = await self.client.history(prompt_id)
-            if entry is not None:
-                await self.finish(task, f"history ({reason})", entry)
-                missed += followed
-            elif task.accepted_at is None and task.started_at is None:
-                await self.resend(task, f"not on {self.server.name} after {reason}; sending it")
-            elif task.cancel_requested_at is not None:
-                await db(task.mark_cancelled)("removed from the server's queue")
-                self.forget(prompt_id)
-            else:
-                await db(task.requeue)(f"{self.server.name} lost it (found in neither queue nor history)")
-                self.forget(prompt_id)
-            settled += 1
+                elif task.accepted_at is None and task.started_at is None:
+                    await self.resend(task, f"not on {self.server.name} after {reason}; sending it")
+                elif task.cancel_requested_at is not None:
+                    await db(task.mark_cancelled)("removed from the server's queue")
+                    self.forget(prompt_id)
+                else:
+                    await db(task.requeue)(f"{self.server.name} lost it (found in neither queue nor history)")
+                    self.forget(prompt_id)
+                settled += 1
         if missed and self.online and not self.stopping:
             # The socket said nothing about work it should have reported. ComfyUI sends nothing at all to a socket
             # it has unregistered (protocol §2.6), e.g. when the worker that held this server's lease before us
@@ -656,62 +696,72 @@ class Connection:
             return
         self.finishing.add(prompt_id)
         try:
-            for delay in (0, 0.05, 0.2, 0.5):
-                if entry is not None:
-                    break
-                await asyncio.sleep(delay)
-                entry = await self.client.history(prompt_id)
-            if entry is None:
-                # History is written before `executing null`; reconciliation will look again.
-                logger.info("%s: no history yet for %s after %s", self.server.name, prompt_id, source)
-                return
-            if entry.succeeded and not entry.interrupted:
-                await self.store_outputs(task, entry, source)
-            elif entry.interrupted:
-                if task.cancel_requested_at is not None or await db(_cancel_requested)(task):
-                    await db(task.mark_cancelled)("interrupted on request")
-                else:
-                    await db(task.mark_failed)(
-                        "interrupted", "interrupted on the server", entry.last("execution_interrupted")
-                    )
-            else:
-                error = entry.error or {}
-                details = {
-                    "node_id": error.get("node_id"),
-                    "node_type": error.get("node_type"),
-                    "exception_type": error.get("exception_type"),
-                    "exception_message": error.get("exception_message"),
-                }
-                message = (
-                    f"{details['node_type'] or 'a node'} (node {details['node_id']}) failed: "
-                    + str(details["exception_message"] or "no message").strip()
-                )
-                if task.cancel_requested_at is not None:
-                    await db(task.mark_cancelled)("stopped on request")
-                else:
-                    await db(task.mark_failed)("node_error", message, details)
-            self.forget(prompt_id)
-            self.supervisor.wake.set()  # a slot is free: the next task can go
+            async with self.guard(task, "finish"):
+                if await self.settle(task, source, entry):
+                    self.forget(prompt_id)
+                    self.supervisor.wake.set()  # a slot is free: the next task can go
         except ComfyUnavailable as exc:
             logger.info("%s: could not finish %s yet: %s", self.server.name, prompt_id, exc.message)
         finally:
             self.finishing.discard(prompt_id)
 
-    async def store_outputs(self, task, entry, source):
-        limit = settings.COMFYHUB["MAX_OUTPUT_BYTES"]
-        files = []
-        for output in entry.files():
-            try:
-                data, content_type = await self.client.view(output, max_bytes=limit)
-            except ComfyRejected as exc:
+    async def settle(self, task, source, entry):
+        """Mark the task from its history entry (read now if not given); False when it is not settled yet."""
+        prompt_id = task.prompt_id
+        for delay in (0, 0.05, 0.2, 0.5):
+            if entry is not None:
+                break
+            await asyncio.sleep(delay)
+            entry = await self.client.history(prompt_id)
+        if entry is None:
+            # History is written before `executing null`; reconciliation will look again.
+            logger.info("%s: no history yet for %s after %s", self.server.name, prompt_id, source)
+            return False
+        if entry.succeeded and not entry.interrupted:
+            return await self.store_outputs(task, entry, source)
+        elif entry.interrupted:
+            if task.cancel_requested_at is not None or await db(_cancel_requested)(task):
+                await db(task.mark_cancelled)("interrupted on request")
+            else:
                 await db(task.mark_failed)(
-                    "output_missing", f"could not copy {output.filename}: {exc.message}"
+                    "interrupted", "interrupted on the server", entry.last("execution_interrupted")
                 )
-                return
-            files.append((output.node_id, output.filename, content_type, data))
-        for index, (node_id, content_type, data) in enumerate(self.ws_images.get(task.prompt_id, [])):
-            files.append((node_id, f"websocket_{node_id}_{index + 1:05}.png", content_type, data))
-        await db(outputs.complete)(task, files, source)
+        else:
+            error = entry.error or {}
+            details = {
+                "node_id": error.get("node_id"),
+                "node_type": error.get("node_type"),
+                "exception_type": error.get("exception_type"),
+                "exception_message": error.get("exception_message"),
+            }
+            message = (
+                f"{details['node_type'] or 'a node'} (node {details['node_id']}) failed: "
+                + str(details["exception_message"] or "no message").strip()
+            )
+            if task.cancel_requested_at is not None:
+                await db(task.mark_cancelled)("stopped on request")
+            else:
+                await db(task.mark_failed)("node_error", message, details)
+        return True
+
+    async def store_outputs(self, task, entry, source):
+        """Copy the outputs into hub storage and mark the task; False when that failed (it is tried again)."""
+        async with self.guard(task, "store_outputs") as outcome:
+            limit = settings.COMFYHUB["MAX_OUTPUT_BYTES"]
+            files = []
+            for output in entry.files():
+                try:
+                    data, content_type = await self.client.view(output, max_bytes=limit)
+                except ComfyRejected as exc:
+                    await db(task.mark_failed)(
+                        "output_missing", f"could not copy {plain(output.filename)}: {exc.message}"
+                    )
+                    return True
+                files.append((output.node_id, output.filename, content_type, data))
+            for index, (node_id, content_type, data) in enumerate(self.ws_images.get(task.prompt_id, [])):
+                files.append((node_id, f"websocket_{node_id}_{index + 1:05}.png", content_type, data))
+            await db(outputs.complete)(task, files, source)
+        return not outcome.failed
 
     def forget(self, prompt_id):
         self.own_prompts.discard(prompt_id)
@@ -746,6 +796,9 @@ class Connection:
         except ComfyError as exc:
             self.cancel_sent.discard(prompt_id)
             logger.info("cancel of %s on %s failed: %s", prompt_id, self.server.name, exc.message)
+        except BaseException:
+            self.cancel_sent.discard(prompt_id)  # the next step tries again (the caller's guard counts it)
+            raise
 
 
 def _fingerprint(stats):
@@ -876,12 +929,17 @@ class Supervisor:
                 await asyncio.sleep(1)
 
     async def step(self):
-        await self.manage_connections()
-        await self.dispatch()
-        await self.process_cancels()
+        # Each part on its own: one failing (for whatever task or server) must not skip the others.
+        async with contained("managing the connections"):
+            await self.manage_connections()
+        async with contained("dispatch"):
+            await self.dispatch()
+        async with contained("processing cancel requests"):
+            await self.process_cancels()
         if time.monotonic() >= self.next_watchdog:
             self.next_watchdog = time.monotonic() + settings.COMFYHUB["WATCHDOG_INTERVAL"]
-            await self.watchdog()
+            async with contained("the watchdog"):
+                await self.watchdog()
 
     async def watchdog(self):
         """Stuck-task recovery for this process's servers (see servers/recovery.py)."""
@@ -930,12 +988,13 @@ class Supervisor:
             conn = self.connections.get(slot.server_id)
             if conn is None or not conn.online:
                 continue
-            task = await db(pool.claim)(candidate.task_id, conn.server, self.owner)
-            if task is None:
-                continue  # another worker, or a cancel, got there first
-            conn.sending.add(task.prompt_id)  # before the send starts, so no reconciliation pass sends it too
-            conn.spawn(conn.send(task, front=front))
-            sent += 1
+            async with conn.guard(candidate.task_id, "dispatch"):
+                task = await db(pool.claim)(candidate.task_id, conn.server, self.owner)
+                if task is None:
+                    continue  # another worker, or a cancel, got there first
+                conn.sending.add(task.prompt_id)  # before the send starts, so no reconciliation pass sends it too
+                conn.spawn(conn.send_claimed(task, front=front))
+                sent += 1
         return sent
 
     async def process_cancels(self):
@@ -953,7 +1012,8 @@ class Supervisor:
         for task in tasks:
             conn = self.connections.get(task.server_id)
             if conn is not None and conn.online:
-                await conn.cancel(task)
+                async with conn.guard(task, "cancel"):
+                    await conn.cancel(task)
 
 
 class SupervisorThread:
