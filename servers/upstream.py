@@ -36,6 +36,12 @@ from tasks.progress import aemit_task_update
 
 logger = logging.getLogger(__name__)
 
+# How long a socket must have waited in recv, hearing nothing, before its silence means anything; and how long
+# after the reconciliation timer found a result the socket has to show it is still heard (see watch_socket).
+QUIET_SECONDS = 3.0
+# Bound on the per-prompt memory of what the socket heard.
+HEARD_LIMIT = 10_000
+
 SUPERVISOR_GROUP = "comfyhub.supervisors"
 # Supervisors running in this process, so that a request handler can wake them without the channel layer.
 _local_supervisors = []
@@ -168,7 +174,14 @@ class Connection:
         self.last_number = None  # the last queue number /prompt answered: it goes down when the server restarts
         self.stream = None
         self.last_frame_at = 0.0
+        # Since when the socket loop waits in recv with nothing unread; None while it handles a frame. Only a loop
+        # that waits can tell silence: a busy one (handle() waiting for the database) has frames not read yet.
+        self.idle_since = None
+        self.heard_start = {}  # prompt_id -> monotonic time the socket brought a message of its run
+        self.heard_end = {}  # prompt_id -> monotonic time the socket brought its end
+        self.watching = None  # the stream a watch_socket() follows, so that one at a time does
         self.orphaned = False
+        self.reconnecting = False  # closed on purpose to register again: the server is fine
         self.own_prompts = set()  # sent under this connection's clientId: their messages come to this socket
         self.adopted = set()  # on the server under another holder's clientId: followed by polling
 
@@ -246,38 +259,53 @@ class Connection:
                     self.orphaned = False
                     self.offline_since, self.failed_over = None, False
                     await self.probe(connecting=True)
-                    self.online = True
+                    self.online, self.reconnecting = True, False
                     await db(self.server.set_state)(ServerState.ONLINE, "")
                     logger.info("connected to %s", self.server.name)
+                    self.stream = stream
                     await self.clear_stale()
                     await self.reconcile("connected")
                     if self.adopted:
                         self.spawn(self.follow_adopted())
                     self.supervisor.wake.set()
-                    self.stream = stream
-                    async for message in stream:
-                        self.last_frame_at = time.monotonic()
-                        try:
-                            await self.handle(message)
-                        except Exception:
-                            # One task's message must never take the connection down for every other task.
-                            logger.exception("%s: could not handle a %s message", self.server.name, message.type)
-                if self.orphaned:
-                    raise ComfyUnavailable("the websocket received nothing after a prompt: reconnecting (§2.6)")
-                raise ComfyUnavailable("the server closed the websocket")
+                    await self.read(stream)
+                if not self.orphaned:
+                    raise ComfyUnavailable("the server closed the websocket")
             except asyncio.CancelledError:
                 raise
             except ComfyError as exc:
-                await self.went_offline(exc.message)
+                if not self.orphaned:
+                    await self.went_offline(exc.message)
             except Exception as exc:
                 logger.exception("upstream loop of %s failed", self.server.name)
+                self.orphaned = False
                 await self.went_offline(f"{exc.__class__.__name__}: {exc}")
+            if self.orphaned:
+                # Closed on purpose (reconnect_quietly): connecting again registers it again. The server answers
+                # all along, so its state stays; if this connect fails, that is news and goes through went_offline.
+                self.orphaned = False
+                logger.info("%s: connecting the websocket again", self.server.name)
+                continue
             # Jittered exponential backoff, so that a pool of hubs does not hammer a server that restarts.
             await asyncio.sleep(backoff * random.uniform(0.5, 1.5))  # noqa: S311
             backoff = min(backoff * 2, 15.0)
 
+    async def read(self, stream):
+        """The socket loop. One task's message must never take the connection down for every other task."""
+        try:
+            self.idle_since = time.monotonic()
+            async for message in stream:
+                self.idle_since, self.last_frame_at = None, time.monotonic()
+                try:
+                    await self.handle(message)
+                except Exception:
+                    logger.exception("%s: could not handle a %s message", self.server.name, message.type)
+                self.idle_since = time.monotonic()
+        finally:
+            self.idle_since = None
+
     async def went_offline(self, reason):
-        was_online, self.online = self.online, False
+        was_online, self.online, self.reconnecting = self.online, False, False
         self.running_prompt = None
         if was_online:
             logger.warning("lost %s: %s", self.server.name, reason)
@@ -311,7 +339,7 @@ class Connection:
         await db(_save_probe)(self.server, fingerprint, queue.foreign(self.server.client_id))  # any holder's are ours
         if connecting:
             return
-        if not self.online:
+        if not self.online and not self.reconnecting:
             await db(self.server.set_state)(ServerState.DEGRADED, "its HTTP API answers but the websocket is down")
         elif elapsed > settings.COMFYHUB["SLOW_PROBE_SECONDS"]:
             await db(self.server.set_state)(ServerState.DEGRADED, f"slow: a probe took {elapsed:.1f} s")
@@ -405,6 +433,7 @@ class Connection:
             if kind == "malformed":
                 logger.warning("%s sent a frame we cannot read: %s", self.server.name, data.get("reason"))
             return
+        self.heard(prompt_id, kind, data)
         task = await self.task_for(prompt_id)
         if task is None:
             return  # another client's job, or one this hub already finished
@@ -437,6 +466,16 @@ class Connection:
                 tracker.finished(data.get("node"))
             elif kind in ("execution_success", "execution_error", "execution_interrupted"):
                 self.finish_soon(task, kind)
+
+    def heard(self, prompt_id, kind, data):
+        """What the socket brought about a prompt: the reconciliation timer asks before it calls anything missed."""
+        ended = kind in ("execution_success", "execution_error", "execution_interrupted") or (
+            kind == "executing" and data.get("node") is None
+        )
+        seen = self.heard_end if ended else self.heard_start
+        if len(seen) > HEARD_LIMIT:
+            seen.clear()
+        seen[prompt_id] = time.monotonic()
 
     async def task_for(self, prompt_id):
         task = self.tasks.get(prompt_id)
@@ -506,6 +545,7 @@ class Connection:
                 await db(task.record)("handed_over", f"not sent: this worker's lease on {self.server.name} lapsed")
                 self.forget(prompt_id)
                 return
+            stream, posted_at = self.stream, time.monotonic()
             reply = await self.client.submit(task.graph, prompt_id, self.client_id, front=front)
         except ComfyRejected as exc:
             await db(task.mark_failed)("rejected", _rejection_message(exc), _rejection_details(exc))
@@ -522,7 +562,9 @@ class Connection:
         else:
             await db(task.mark_accepted)(reply.number)
             await self.check_number(reply.number)
-            self.spawn(self.expect_frames(self.stream, time.monotonic()))
+            if stream is not None and self.watching is not stream:
+                self.watching = stream
+                self.spawn(self.watch_socket(stream, posted_at, prompt_id))
             if reply.node_errors:
                 await db(task.record)("partial", "some outputs were refused by the server", reply.node_errors)
         finally:
@@ -558,19 +600,72 @@ class Connection:
             self.sending.discard(prompt_id)  # send() clears it too, unless it failed before its first line
         return True
 
-    async def expect_frames(self, stream, since, within=3.0):
+    async def watch_socket(self, stream, since, prompt_id, patience=900.0):
         """
-        ComfyUI broadcasts a `status` to every socket when a prompt is queued. A socket that hears nothing after
-        a POST has been orphaned: another process connected with the same clientId and then closed its old
-        socket, which unregisters ours (protocol §2.6). Reconnecting registers it again.
+        Whether the socket still hears the server after a prompt was sent at `since`. ComfyUI sends `status` to
+        every registered socket when a prompt is queued, and execution messages when it starts and ends; a socket
+        it has unregistered (another socket with our clientId connected, then closed: protocol §2.6) hears nothing
+        at all, ever. Silence is only evidence while the socket loop waits in recv: a busy hub (handle() waiting
+        for the database) has frames it has not read yet. And it must be confirmed over HTTP: the prompt started
+        or finished (/queue, /history) while the socket heard nothing since it was sent. A prompt that waits
+        behind other work is quiet by nature, so the watch goes on until it moves.
         """
-        await asyncio.sleep(within)
-        if stream is None or stream is not self.stream or self.last_frame_at >= since or not self.online:
+        pause, deadline = QUIET_SECONDS, time.monotonic() + patience
+        try:
+            while time.monotonic() < deadline:
+                await asyncio.sleep(pause)
+                if self.heard_since(stream, since):
+                    return
+                if not self.quiet_for(QUIET_SECONDS):
+                    continue  # frames read before `since` are still being handled
+                moved = await self.prompt_moved(prompt_id)
+                if moved is None:
+                    return  # gone, or the server does not answer: reconciliation and the probe take over
+                if not moved:
+                    pause = min(pause * 2, 30.0)
+                    continue
+                await asyncio.sleep(0.5)  # its start or end may be on the wire right now
+                if self.heard_since(stream, since) or not self.quiet_for(QUIET_SECONDS):
+                    continue
+                await self.reconnect_quietly(
+                    stream, "the server sent nothing to the hub's websocket while a task started or finished"
+                )
+                return
+        finally:
+            if self.watching is stream:
+                self.watching = None
+
+    def heard_since(self, stream, since):
+        """True when there is nothing to watch any more: another socket now, offline, or a frame since `since`."""
+        return stream is not self.stream or not self.online or self.stopping or self.last_frame_at >= since
+
+    def quiet_for(self, seconds):
+        return self.idle_since is not None and time.monotonic() - self.idle_since >= seconds
+
+    async def prompt_moved(self, prompt_id):
+        """True when the server started or finished the prompt, False while it waits, None if it is gone."""
+        try:
+            where = (await self.client.queue()).where(prompt_id)
+            if where is not None:
+                return where == "running"
+            return True if await self.client.history(prompt_id) is not None else None
+        except ComfyError as exc:
+            logger.info("%s: could not look for %s: %s", self.server.name, prompt_id, exc.message)
+            return None
+
+    async def reconnect_quietly(self, stream, reason):
+        """
+        Close the socket so that the socket loop connects again (which registers it again), without a state
+        change: the server answers, it only stopped talking to this socket.
+        """
+        if stream is not self.stream or not self.online or self.stopping:
             return
-        logger.warning("%s: the websocket heard nothing after a prompt: reconnecting", self.server.name)
-        await db(self.server.record)("socket_orphaned", "the websocket heard nothing after a prompt; reconnected")
-        self.orphaned = True
-        await stream.socket.close()
+        logger.warning("%s: %s; connecting the websocket again", self.server.name, reason)
+        self.orphaned, self.reconnecting, self.online = True, True, False
+        try:
+            await db(self.server.record)("socket_orphaned", f"{reason}; connected it again")
+        finally:
+            await stream.socket.close()
 
     async def check_number(self, number):
         # ComfyUI numbers every POST from a counter that starts again at 0 when the process restarts.
@@ -631,7 +726,7 @@ class Connection:
         if not tasks:
             return 0
         queue = await self.client.queue()
-        settled = missed = 0
+        settled, missed, found_at = 0, {}, time.monotonic()
         for task in tasks:
             prompt_id = task.prompt_id
             if prompt_id in self.sending or prompt_id in self.finishing:
@@ -645,8 +740,8 @@ class Connection:
                 where = queue.where(prompt_id)
                 if where == "running":
                     self.running_prompt = prompt_id
-                    if task.status == TaskStatus.SUBMITTED and await db(task.mark_running)("queue"):
-                        missed += followed
+                    if task.status == TaskStatus.SUBMITTED and await db(task.mark_running)("queue") and followed:
+                        missed[prompt_id] = self.heard_start
                     continue
                 if where == "pending":
                     if task.accepted_at is None:
@@ -655,8 +750,9 @@ class Connection:
                 # In neither queue list: it has finished (history), or the server never got it or lost it.
                 entry = await self.client.history(prompt_id)
                 if entry is not None:
+                    if followed:
+                        missed[prompt_id] = self.heard_end
                     await self.finish(task, f"history ({reason})", entry)
-                    missed += followed
                 elif task.accepted_at is None and task.started_at is None:
                     await self.resend(task, f"not on {self.server.name} after {reason}; sending it")
                 elif task.cancel_requested_at is not None:
@@ -667,21 +763,30 @@ class Connection:
                     self.forget(prompt_id)
                 settled += 1
         if missed and self.online and not self.stopping:
-            # The socket said nothing about work it should have reported. ComfyUI sends nothing at all to a socket
-            # it has unregistered (protocol §2.6), e.g. when the worker that held this server's lease before us
-            # closes its socket with the same clientId after we connected: connect again.
-            logger.warning("%s: the websocket missed events of %d tasks; reconnecting", self.server.name, missed)
-            await db(self.server.record)("socket_orphaned", f"the websocket missed events of {missed} tasks")
-            await self.reopen()
+            self.spawn(self.check_missed(self.stream, missed, found_at))
         return settled
 
-    async def reopen(self):
-        """Close the socket, wait until it is closed (§2.6), and connect again."""
-        old, self.online = self._runner, False
-        if old is not None and old is not asyncio.current_task():
-            await cancel_and_wait([old])
-        if not self.stopping:
-            self._runner = asyncio.create_task(self.run(), name=f"upstream-{self.server.name}")
+    async def check_missed(self, stream, missed, found_at, patience=60.0):
+        """
+        The timer found tasks started or finished that the socket did not report: its messages may simply not
+        be handled yet (a busy socket loop, a server slow to send what it wrote to history). They are missed only
+        if, a while later and with the socket loop waiting in recv, the socket still has not brought them and has
+        heard nothing at all since: ComfyUI sends nothing at all to a socket it has unregistered (protocol §2.6),
+        e.g. when the worker that held this server's lease before us closes its socket with our clientId.
+        """
+        deadline = time.monotonic() + patience
+        await asyncio.sleep(QUIET_SECONDS)
+        while not self.quiet_for(QUIET_SECONDS):
+            if self.heard_since(stream, found_at) or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.5)
+        if self.heard_since(stream, found_at):
+            return
+        unheard = [prompt_id for prompt_id, heard in missed.items() if prompt_id not in heard]
+        if unheard:
+            await self.reconnect_quietly(
+                stream, f"the websocket did not report the start or end of {len(unheard)} tasks"
+            )
 
     # --- completion -----------------------------------------------------------------------------------
 

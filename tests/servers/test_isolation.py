@@ -7,11 +7,13 @@ failures are injected for one task only with monkeypatch.
 """
 
 import asyncio
+import json
 import uuid
 from datetime import timedelta
 
 import httpx
 import pytest
+import websockets
 from asgiref.sync import async_to_sync
 from django.utils import timezone
 
@@ -339,3 +341,109 @@ def test_a_failure_that_cannot_be_recorded_does_not_escape(server, monkeypatch):
     monkeypatch.setattr(guard, "record_failure", broken)
     outcome = asyncio.run(step())
     assert isinstance(outcome.error, ValueError)
+
+
+# --- point 8: no false alarms about the socket --------------------------------------------------------------
+
+
+def socket_events(server):
+    return list(ServerEvent.objects.filter(server=server, kind="socket_orphaned").values_list("message", flat=True))
+
+
+def test_a_quiet_socket_with_a_waiting_prompt_changes_nothing(alice_api, workflows, server, simulator, hub):
+    """A prompt waits behind a long job that sends nothing: the socket is quiet by nature, not orphaned."""
+    simulator.set_time_scale(1.0)
+    first = submit(alice_api, [1], workflow="blur-sharpen")
+    wait_for(lambda: Task.objects.get(pk=first[1]).status == "running", message="the first task to run")
+    simulator.stall()
+    waiting = submit(alice_api, [2])
+    wait_for(lambda: Task.objects.get(pk=waiting[2]).accepted_at, message="the second task in the queue")
+    asyncio.run(asyncio.sleep(5))  # past the 3 s after which a silent socket is looked at
+    simulator.set_time_scale(0.01)
+    simulator.unstall()
+    all_finished([first[1], waiting[2]])
+    assert socket_events(server) == [] and went_offline(server) == []
+    server.refresh_from_db()
+    assert server.state == ServerState.ONLINE
+
+
+def test_a_busy_socket_loop_is_not_taken_for_an_orphaned_socket(
+    alice_api, workflows, server, simulator, hub, monkeypatch
+):
+    """The socket loop is stuck in one message (the database is slow) while a prompt is sent: frames wait unread."""
+    real = Connection.handle
+    blocked = []
+
+    async def handle(conn, message):
+        if getattr(message, "type", None) == "execution_start" and not blocked:
+            blocked.append(message)
+            await asyncio.sleep(5)
+        return await real(conn, message)
+
+    monkeypatch.setattr(Connection, "handle", handle)
+    simulator.set_time_scale(0.5)
+    ids = submit(alice_api, [1, 2], workflow="blur-sharpen")
+    all_finished(list(ids.values()))
+    assert blocked
+    assert all(Task.objects.get(pk=pk).status == TaskStatus.SUCCEEDED for pk in ids.values())
+    assert socket_events(server) == [] and went_offline(server) == []
+
+
+def test_a_result_the_timer_finds_while_its_message_is_handled_is_not_missed(
+    alice_api, workflows, server, simulator, hub, monkeypatch
+):
+    real = Connection.handle
+    held = []
+
+    async def handle(conn, message):
+        if getattr(message, "type", None) == "execution_success" and not held:
+            held.append(message)
+            await asyncio.sleep(3)  # the 1 s reconciliation timer finds the result meanwhile
+        return await real(conn, message)
+
+    monkeypatch.setattr(Connection, "handle", handle)
+    ids = submit(alice_api, [1])
+    all_finished(list(ids.values()))
+    assert held
+    found = TaskEvent.objects.filter(task_id=ids[1], kind="succeeded").values_list("message", flat=True)
+    assert list(found) == ["finished (history (timer))"], "the timer should have been first"
+    asyncio.run(asyncio.sleep(4))
+    assert socket_events(server) == [] and went_offline(server) == []
+    assert Task.objects.get(pk=ids[1]).status == TaskStatus.SUCCEEDED
+
+
+def orphan(simulator, conn):
+    """Connect and close a second socket with the hub's clientId: ComfyUI then forgets the hub's socket (§2.6)."""
+
+    async def connect_and_close():
+        url = simulator.url.replace("http", "ws", 1) + f"/ws?clientId={conn.client_id}"
+        async with websockets.connect(url) as other:
+            json.loads(await other.recv())
+
+    asyncio.run(connect_and_close())
+    wait_for(lambda: conn.client_id not in simulator.call(simulator.sim.connected_clients), message="the orphaning")
+
+
+def test_a_really_orphaned_socket_is_connected_again_quietly(alice_api, workflows, server, simulator, hub):
+    wait_for(lambda: getattr(hub.connection(server), "online", False), message="the hub to connect")
+    conn = hub.connection(server)
+    # Found by watching the socket after a prompt, not by the reconciliation timer.
+    hub.supervisor.reconcile_interval = 60
+    asyncio.run(asyncio.sleep(1.2))  # the timer's current wait (1 s) ends
+    orphan(simulator, conn)
+    ids = submit(alice_api, [1, 2])
+    all_finished(list(ids.values()))
+    assert all(Task.objects.get(pk=pk).status == TaskStatus.SUCCEEDED for pk in ids.values())
+    wait_for(lambda: socket_events(server), timeout=10, message="the orphaned socket to be noticed")
+    wait_for(
+        lambda: conn.client_id in simulator.call(simulator.sim.connected_clients), message="the socket registered again"
+    )
+    [message] = socket_events(server)[:1]
+    assert "§" not in message
+    server.refresh_from_db()
+    assert server.state == ServerState.ONLINE and went_offline(server) == []
+    # Live again: the next task is followed over the socket (it is seen running, not only found finished).
+    later = submit(alice_api, [3])
+    all_finished(list(later.values()))
+    kinds = list(TaskEvent.objects.filter(task_id=later[3]).values_list("kind", "message"))
+    assert ("running", "started (websocket)") in kinds, kinds
