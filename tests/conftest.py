@@ -95,7 +95,7 @@ def raw_graph_permission():
 
 @pytest.fixture
 def simulator():
-    from servers.simulator import SimulatorThread
+    from comfysim import SimulatorThread
 
     with SimulatorThread(time_scale=0.01) as sim:
         yield sim

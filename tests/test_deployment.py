@@ -32,7 +32,7 @@ import redis
 from websockets.sync.client import connect
 
 from comfyhub.harness import free_port
-from servers.simulator import SimulatorThread
+from comfysim import SimulatorThread
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent

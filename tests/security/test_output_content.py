@@ -17,7 +17,7 @@ from django.core.files.storage import default_storage
 from django.test import Client
 from PIL import Image
 
-from servers import simulator_nodes
+from comfysim import nodes as simulator_nodes
 from servers.models import Server
 from tasks import outputs
 from tasks.models import DOWNLOAD_TYPE, INLINE_TYPES, ApiToken, Task, TaskOutput, TaskStatus

@@ -4,8 +4,8 @@ import io
 
 import pytest
 
+from comfysim import SimulatorThread
 from servers.models import Lock, LockPurpose, Server, ServerEvent, ServerState, StalePrompt
-from servers.simulator import SimulatorThread
 from tasks.models import Task, TaskEvent, TaskStatus
 from tests.conftest import Hub, wait_for
 from tests.tasks.test_api import png_bytes

@@ -5,10 +5,10 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from comfysim import SimulatorThread
 from servers import pool
 from servers.dispatch import summarize_object_info
 from servers.models import Server, ServerState
-from servers.simulator import SimulatorThread
 from tasks.models import Task, TaskStatus
 from tests.conftest import Hub, wait_for
 

@@ -27,8 +27,8 @@ from django.db import connection
 from django.utils import timezone
 
 from comfyhub.harness import database_url
+from comfysim import SimulatorThread
 from servers.models import Lock, LockPurpose, Server
-from servers.simulator import SimulatorThread
 from tasks.models import ON_SERVER_STATUSES, TERMINAL_STATUSES, Task, TaskOutput, TaskStatus
 
 logger = logging.getLogger(__name__)

@@ -353,7 +353,7 @@ def test_two_users_see_only_their_own_tasks_and_files(alice_api, bob_api, workfl
 
 
 def test_tasks_spread_over_two_servers_and_stay_bound(alice_api, workflows, transactional_db, fast_settings):
-    from servers.simulator import SimulatorThread
+    from comfysim import SimulatorThread
     from tests.conftest import Hub
 
     with SimulatorThread(time_scale=0.05) as one, SimulatorThread(time_scale=0.05) as two:

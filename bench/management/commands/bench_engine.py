@@ -11,8 +11,8 @@ from django.test import Client
 from django.test.utils import override_settings
 
 from comfyhub.harness import percentile, wait_until
+from comfysim import SimulatorThread
 from servers.models import Server
-from servers.simulator import SimulatorThread
 from servers.upstream import SupervisorThread
 from tasks.models import ApiToken, Task
 from tasks.workflows import load_demo_workflows

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from comfyhub.harness import free_port, percentile, stop, wait_until
-from servers.simulator import SimulatorThread
+from comfysim import SimulatorThread
 
 USERNAME, PASSWORD = "bench", "bench-pass-123"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -119,7 +119,7 @@ class Command(BaseCommand):
                 "COMFYHUB_USER_MAX_IN_FLIGHT": str(max(tasks, 16)),
             }
             simulators, hub, log = [], None, None
-            logging.getLogger("servers.simulator").setLevel(logging.WARNING)  # 2 lines per simulator otherwise
+            logging.getLogger("comfysim").setLevel(logging.WARNING)  # 2 lines per simulator otherwise
             try:
                 self.stdout.write(f"starting {servers} simulators (time scale {time_scale})")
                 for n in range(1, servers + 1):

@@ -15,7 +15,7 @@ from django.db import connection
 from websockets.asyncio.client import connect
 
 from comfyhub.harness import database_url, free_port, healthy, percentile, start_manage, stop, wait_until
-from servers.simulator import SimulatorThread
+from comfysim import SimulatorThread
 
 ROOT = Path(settings.BASE_DIR)
 INPUTS = {"prompt": "load", "steps": 40, "width": 64, "height": 64}  # about 1 s on a simulator at scale 0.5

@@ -18,7 +18,7 @@ from django.db import connection
 from PIL import Image
 
 from comfyhub.harness import database_url, free_port, healthy, start_manage, stop, wait_until
-from servers.simulator import SimulatorThread
+from comfysim import SimulatorThread
 from tasks.models import Task, TaskEvent, TaskStatus
 
 ROOT = Path(settings.BASE_DIR)

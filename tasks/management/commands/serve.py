@@ -73,7 +73,7 @@ class Command(BaseCommand):
                 simulator.stop()
 
     def start_demo(self, time_scale):
-        from servers.simulator import SimulatorThread
+        from comfysim import SimulatorThread
 
         simulators = []
         for index in (1, 2):

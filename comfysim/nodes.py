@@ -1,5 +1,5 @@
 """
-Node classes of the ComfyUI simulator (see servers/simulator.py).
+Node classes of the ComfyUI simulator (the server is comfysim/server.py).
 
 Each class mirrors the stock ComfyUI node of the same name: the same inputs, limits and choices as
 `GET /object_info` shows on ComfyUI 0.3.64, the same output types, and real pixel work done with Pillow.

@@ -1,4 +1,4 @@
-"""The ComfyUI simulator speaks ComfyUI 0.3.64's protocol as measured in comfyui-protocol.md.
+"""The ComfyUI simulator speaks ComfyUI 0.3.64's protocol as measured on real servers.
 
 Real HTTP and websocket clients against a simulator on 127.0.0.1:0; no database.
 """
@@ -18,11 +18,12 @@ from PIL import Image
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from comfysim import Simulator, SimulatorThread
 from servers.management.commands.simulate_comfyui import Command as SimulateCommand
-from servers.simulator import Simulator, SimulatorThread
 
 REPO_WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
-SHARED_WORKFLOWS = Path("/work/shared/workflows")
+# Graphs measured against real ComfyUI servers, with what each did (reference/README.md).
+REFERENCE_GRAPHS = Path(__file__).resolve().parent / "reference"
 
 
 # --- graphs (the ones of workflows/, built here so that the tests stand alone) ------------------------------------
@@ -826,7 +827,7 @@ async def test_the_image_nodes_do_real_pixel_work(sim, http):
 
 @pytest.mark.asyncio
 async def test_history_keeps_comfyuis_limit_plus_one(sim, http, monkeypatch):
-    monkeypatch.setattr("servers.simulator.MAXIMUM_HISTORY_SIZE", 2)
+    monkeypatch.setattr("comfysim.server.MAXIMUM_HISTORY_SIZE", 2)
     for color in range(5):
         await history_of(http, await submit(http, invert_graph(color=color), prompt_id=f"h{color}"))
     assert list((await http.get("/history")).json()) == ["h2", "h3", "h4"]
@@ -1010,12 +1011,10 @@ async def test_the_informational_endpoints_look_like_comfyui(sim, http):
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     "path",
-    sorted(p.name for p in SHARED_WORKFLOWS.glob("*.json")) if SHARED_WORKFLOWS.is_dir() else ["missing"],
+    sorted(p.name for p in REFERENCE_GRAPHS.glob("*.json")),
 )
-async def test_every_shared_workflow_behaves_as_its_readme_says(sim, http, path):
-    if not SHARED_WORKFLOWS.is_dir():
-        pytest.skip("the shared workflows folder is not on this machine")
-    graph = json.loads((SHARED_WORKFLOWS / path).read_text())
+async def test_every_reference_graph_behaves_as_a_real_server_did(sim, http, path):
+    graph = json.loads((REFERENCE_GRAPHS / path).read_text())
     if path == "upload-scale.json":
         graph["1"]["inputs"]["image"] = (await upload(http, png_bytes())).json()["name"]
     reply = await http.post("/prompt", json={"prompt": graph})

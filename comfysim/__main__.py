@@ -1,0 +1,3 @@
+from comfysim.cli import main
+
+main()
