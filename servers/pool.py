@@ -50,8 +50,9 @@ def slots_and_load(local):
                 backlog=sum(running) + pending + server.foreign_queue,
                 capabilities=server.capabilities,
                 local=server.pk in local,
-                accepting=(server.pk in local and not fresh.draining)
-                or (server.pk not in local and server.state in ACCEPTING_STATES and not server.draining),
+                # Draining as the row says now, not as this process last copied it: a task queued after an
+                # operator drained the server must not go there.
+                accepting=not server.draining and (server.pk in local or server.state in ACCEPTING_STATES),
             )
         )
     return slots, dict(per_user)
