@@ -9,7 +9,7 @@ import json
 
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.db import connection
+from django.db import DataError, connection, transaction
 from django.test import Client
 from PIL import Image
 
@@ -219,11 +219,15 @@ def test_a_workflow_file_with_a_lone_surrogate_is_refused(tmp_path):
 # --- rows stored before the door was shut -------------------------------------------------------------------
 
 
-@pytest.mark.skipif(connection.vendor != "sqlite", reason="only SQLite ever stored lone surrogates")
 def test_a_task_stored_with_a_lone_surrogate_still_renders(alice, alice_api, admin_user, workflows):
     task = create_task(alice, {"workflow": "txt2img", "inputs": {"prompt": "a fox"}})[0]
     poison = json.dumps({"prompt": "a \ud800 fox"})  # ensure_ascii: the escape, as SQLite kept it
     graph = json.dumps({**task.graph, "6": {**task.graph["6"], "inputs": {"text": "a \ud800 fox"}}})
+    if connection.vendor != "sqlite":
+        # Only SQLite ever stored one: PostgreSQL's JSON types refuse a lone surrogate outright.
+        with pytest.raises(DataError), transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("UPDATE tasks_task SET inputs = %s WHERE id = %s", [poison, task.pk])
+        return
     with connection.cursor() as cursor:
         cursor.execute("UPDATE tasks_task SET inputs = %s, graph = %s WHERE id = %s", [poison, graph, task.pk.hex])
         cursor.execute("SELECT inputs FROM tasks_task WHERE id = %s", [task.pk.hex])
