@@ -2,6 +2,7 @@ import asyncio
 import time
 
 import pytest
+from channels.layers import channel_layers
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
@@ -131,6 +132,17 @@ def hub(transactional_db, fast_settings):
     running = Hub().start()
     yield running
     running.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_channel_layer():
+    """
+    Each test gets a channel layer of its own. channels_redis binds a layer to the event loop of its first receive
+    until every receive has ended; a test whose loop closes while a consumer's receive waits (a socket the test
+    gave up on) would leave it bound to that dead loop, and every later test's receive would fail.
+    """
+    yield
+    channel_layers.backends.clear()
 
 
 @pytest.fixture(autouse=True)
