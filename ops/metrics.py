@@ -22,7 +22,7 @@ HISTOGRAM_WINDOW = timedelta(hours=24)
 # a long video job.
 QUEUE_WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 RUN_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
-# TaskEvent kinds written by reconciliation and failover (see servers/upstream.py and Task.requeue/move).
+# TaskEvent kinds written by reconciliation and failover (servers/reconcile.py, servers/health.py, Task.requeue/move).
 RECONCILIATION_KINDS = (
     "requeued",
     "resubmitted",

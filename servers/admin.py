@@ -2,6 +2,9 @@ from asgiref.sync import async_to_sync
 from django.contrib import admin, messages
 from django.db.models import Count, Q
 
+from servers.comfy import ComfyError
+from servers.connection import standalone
+from servers.consistency import check
 from servers.models import Lock, Server, ServerEvent, StalePrompt
 
 
@@ -53,18 +56,14 @@ class ServerAdmin(admin.ModelAdmin):
 
     @admin.action(description="Probe now (/system_stats, /queue, /object_info)")
     def probe_now(self, request, queryset):
-        from servers.consistency import Standalone
-        from servers.upstream import Connection
-
         async def probe(server):
-            conn = Connection(Standalone(), server)
+            conn = standalone(server)
             conn.online = server.state in ("online", "degraded", "draining")
             try:
                 await conn.probe()
             finally:
                 await conn.client.close()
 
-        from servers.comfy import ComfyError
 
         for server in queryset:
             try:
@@ -89,10 +88,9 @@ class ServerAdmin(admin.ModelAdmin):
         self._consistency(request, queryset, fix=True)
 
     def _consistency(self, request, queryset, fix):
-        from servers.consistency import check
 
         for server in queryset:
-            findings = async_to_sync(check)(server.name, fix)
+            findings = async_to_sync(check)(standalone, server.name, fix)
             if not findings:
                 self.message_user(request, f"Server {server.name} is consistent: nothing found.", messages.SUCCESS)
             for finding in findings:

@@ -4,7 +4,6 @@ difference by kind, and (with fix) apply the safe repair for it. The command `ch
 action run this same code. Without fix nothing changes.
 """
 
-import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -13,9 +12,9 @@ from datetime import timedelta
 from django.conf import settings
 from django.utils import timezone
 
+from servers.aio import db
 from servers.comfy import ComfyError
 from servers.models import Lock, Server
-from servers.upstream import Connection, db
 from tasks.models import Task, TaskOutput
 
 logger = logging.getLogger(__name__)
@@ -56,24 +55,16 @@ class Finding:
         return f"{line} -> {self.action}" if self.action else line
 
 
-class Standalone:
-    """Enough of a supervisor for a Connection used by a command or an admin action."""
-
-    def __init__(self):
-        self.http_timeout = 30.0
-        self.wake = asyncio.Event()
-        conf = settings.COMFYHUB
-        self.reconcile_interval, self.progress_interval = conf["RECONCILE_INTERVAL"], conf["PROGRESS_INTERVAL"]
-        self.probe_interval, self.failover_seconds = conf["PROBE_INTERVAL"], conf["FAILOVER_SECONDS"]
-
-
-async def check(server_name=None, fix=False):
-    """Run every check (for one server, or all enabled servers); returns the findings."""
+async def check(connect, server_name=None, fix=False):
+    """
+    Run every check (for one server, or all enabled servers) through connections made by `connect(server)`
+    (servers.connection.standalone); returns the findings.
+    """
     servers = await db(lambda: list(_servers(server_name)))()
     findings = []
     for server in servers:
-        findings += await check_server(server, fix)
-    findings += await check_outputs(servers if server_name else None, fix)
+        findings += await check_server(connect(server), fix)
+    findings += await check_outputs(connect, servers if server_name else None, fix)
     if server_name is None:
         findings += await db(check_locks)(fix)
     return findings
@@ -85,8 +76,8 @@ def _servers(name):
     return Server.objects.filter(name=name)
 
 
-async def check_server(server, fix):
-    conn = Connection(Standalone(), server)
+async def check_server(conn, fix):
+    server = conn.server
     findings = []
     try:
         try:
@@ -152,7 +143,7 @@ async def check_server(server, fix):
     return findings
 
 
-async def check_outputs(servers, fix):
+async def check_outputs(connect, servers, fix):
     rows = TaskOutput.objects.select_related("task", "task__server")
     if servers is not None:
         rows = rows.filter(task__server__in=servers)
@@ -168,7 +159,7 @@ async def check_outputs(servers, fix):
             output.task_id, output.task.prompt_id or "",
         )
         if fix:
-            finding.action = await refetch(output)
+            finding.action = await refetch(connect, output)
         findings.append(finding)
     return findings
 
@@ -184,12 +175,12 @@ def _verify(output):
     return None
 
 
-async def refetch(output):
+async def refetch(connect, output):
     """Copy an output again from the task's own server, if it still has exactly those bytes."""
     task = output.task
     if task.server is None or not task.prompt_id:
         return "cannot fix: the task has no server to copy from"
-    conn = Connection(Standalone(), task.server)
+    conn = connect(task.server)
     try:
         entry = await conn.client.history(task.prompt_id)
         match = next((f for f in (entry.files() if entry else []) if f.filename == output.filename), None)

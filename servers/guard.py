@@ -20,10 +20,10 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections
 
+from servers.aio import db
 from servers.comfy import ComfyUnavailable
 from tasks.models import ACTIVE_STATUSES, Task, TaskEvent
 
@@ -57,10 +57,6 @@ class Outcome:
     @property
     def failed(self):
         return self.error is not None
-
-
-def _db(fn):
-    return sync_to_async(fn, thread_sensitive=True)
 
 
 @asynccontextmanager
@@ -105,7 +101,7 @@ async def step_failed(task, step, exc, *, server=None, on_give_up=None):
         return
     logger.error("%s: the %s step of task %s failed", where, step, task_id, exc_info=exc)
     try:
-        failed, prompt_id = await _db(record_failure)(task_id, step, exc)
+        failed, prompt_id = await db(record_failure)(task_id, step, exc)
     except Exception:
         # The database may be down: the failure is in the log, and the next pass tries again.
         logger.exception("%s: could not record the failed %s step of task %s", where, step, task_id)
@@ -165,6 +161,6 @@ def plain(text):
 
 async def _close_connections():
     try:
-        await _db(close_old_connections)()
+        await db(close_old_connections)()
     except Exception:
         logger.exception("could not close the database connections")

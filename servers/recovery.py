@@ -19,10 +19,9 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
+from servers.aio import db
 from servers.comfy import ComfyError
-from servers.consistency import Standalone
 from servers.guard import step_guard
-from servers.upstream import Connection, db
 from tasks.models import Task, TaskStatus
 
 logger = logging.getLogger(__name__)
@@ -68,11 +67,15 @@ def next_grade(task):
     return GRADES[min(done, len(GRADES) - 1)]
 
 
-async def recover(older_than=None, server_name=None, dry_run=False, task_ids=None, connections=None):
+async def recover(older_than=None, server_name=None, dry_run=False, task_ids=None, connections=None, connect=None):
     """
     Apply the next grade to each stuck task; returns the Actions (planned only, with dry_run). With
-    `connections` (a supervisor's), only the tasks of those servers, through those connections.
+    `connections` (a supervisor's), only the tasks of those servers, through those connections; otherwise through
+    `connect(server)`, which makes a connection for one run (servers.connection.standalone for commands and admin
+    actions) whose client is closed at the end.
     """
+    if connections is None and connect is None and not dry_run:
+        raise TypeError("recover() needs a supervisor's connections or connect(server)")
     server_ids = list(connections) if connections is not None else None
     tasks = await db(stuck)(older_than, server_name, task_ids, server_ids)
     actions = []
@@ -83,7 +86,7 @@ async def recover(older_than=None, server_name=None, dry_run=False, task_ids=Non
             if not dry_run:
                 conn = (connections or {}).get(task.server_id)
                 if conn is None:
-                    conn = own.get(task.server_id) or Connection(Standalone(), task.server)
+                    conn = own.get(task.server_id) or connect(task.server)
                     own[task.server_id] = conn
             # One task that raises must not stop the recovery of the others.
             guard = conn.guard(task, "recovery") if conn else step_guard(task, "recovery", server=task.server)

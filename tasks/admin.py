@@ -6,6 +6,8 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
+from servers.connection import standalone
+from servers.recovery import recover as recover_stuck
 from tasks.models import ACTIVE_STATUSES, ApiToken, Task, TaskEvent, TaskOutput, TaskStatus, Upload, Workflow
 
 
@@ -87,14 +89,12 @@ class TaskAdmin(admin.ModelAdmin):
 
     @admin.action(description="Reconcile now with their servers' /queue and /history")
     def reconcile_now(self, request, queryset):
-        from servers.consistency import Standalone
-        from servers.upstream import Connection
 
         servers = {task.server for task in queryset.filter(status__in=ACTIVE_STATUSES, server__isnull=False)}
         skipped = queryset.exclude(status__in=[TaskStatus.SUBMITTED, TaskStatus.RUNNING]).count()
 
         async def run(server):
-            conn = Connection(Standalone(), server)
+            conn = standalone(server)
             try:
                 return await conn.reconcile("admin")
             finally:
@@ -114,11 +114,9 @@ class TaskAdmin(admin.ModelAdmin):
 
     @admin.action(description="Recover: apply the next stuck-task recovery step")
     def recover(self, request, queryset):
-        from servers.recovery import recover
-
         ids = list(queryset.filter(status__in=[TaskStatus.SUBMITTED, TaskStatus.RUNNING]).values_list("pk", flat=True))
         skipped = queryset.count() - len(ids)
-        for action in async_to_sync(recover)(task_ids=ids):
+        for action in async_to_sync(recover_stuck)(task_ids=ids, connect=standalone):
             self.message_user(request, str(action), messages.SUCCESS)
         if skipped:
             self.message_user(request, f"{skipped} selected task(s) are not on a server: nothing to recover.",

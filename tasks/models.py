@@ -9,6 +9,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from servers.models import Server
+from servers.wake import notify_work
 from tasks.fields import JSONField
 
 
@@ -412,9 +413,7 @@ class Task(models.Model):
         ).update(cancel_requested_at=timezone.now())
         if updated:
             self.record("cancel_requested", "cancel requested")
-            from servers.upstream import wake_supervisors
-
-            transaction.on_commit(wake_supervisors)
+            transaction.on_commit(notify_work)
         return True
 
     def record(self, kind, message="", detail=None, *, server=None, prompt_id=None, touch=True):

@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from servers.dispatch import judge_pool
 from servers.models import Server
-from servers.upstream import wake_supervisors
+from servers.wake import notify_work
 from tasks.models import Task, TaskEvent, TaskStatus, Upload, Workflow, graph_digest
 from tasks.params import BindingError, bind, check_tree, text_problem
 from tasks.progress import emit_task_update
@@ -168,7 +168,7 @@ def create_task(user, body):
                 priority=priority,
             )
             TaskEvent.objects.create(task=task, kind="created", to_status=TaskStatus.QUEUED)
-            transaction.on_commit(wake_supervisors)
+            transaction.on_commit(notify_work)
             # Every open window of the owner inserts the new task's row.
             transaction.on_commit(lambda: emit_task_update(task, created=True))
     except IntegrityError:

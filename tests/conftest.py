@@ -114,7 +114,7 @@ def fast_settings(settings):
 
 
 def Hub():
-    from servers.upstream import SupervisorThread
+    from servers.supervisor import SupervisorThread
 
     hub = SupervisorThread(tick=0.05)
     hub.supervisor.http_timeout = 5.0

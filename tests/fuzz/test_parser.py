@@ -12,10 +12,10 @@ from django.contrib.auth import get_user_model
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from servers.comfy import Binary, Message, parse_frame
-from servers.consistency import Standalone
+from servers.aio import db
+from servers.connection import standalone
+from servers.frames import Binary, Message, parse_frame
 from servers.models import Server
-from servers.upstream import Connection, db
 from tasks.models import Task, TaskStatus
 
 FUZZ = settings(max_examples=300, deadline=None, database=None)
@@ -185,12 +185,12 @@ def _ends_our_task(message):
 
 
 def _flush(conn):
-    """One round of Connection.flush_progress_loop, without its sleep and its push."""
+    """One round of Tracking.flush_progress_loop, without its sleep and its push."""
 
     async def flush():
-        for prompt_id, tracker in list(conn.trackers.items()):
-            task = conn.tasks.get(prompt_id)
-            if tracker.dirty and task is not None and prompt_id not in conn.finishing:
+        for prompt_id, tracker in list(conn.prompts.trackers.items()):
+            task = conn.prompts.tasks.get(prompt_id)
+            if tracker.dirty and task is not None and prompt_id not in conn.prompts.finishing:
                 tracker.dirty = False
                 await db(task.set_progress)(tracker.value)
 
@@ -226,7 +226,7 @@ def test_a_connection_survives_hostile_frames_and_keeps_its_task_running():
         seen = []
 
         async def feed():
-            conn = Connection(Standalone(), server)
+            conn = standalone(server)
             try:
                 for frame in frames:
                     message = parse_frame(frame)
@@ -235,7 +235,9 @@ def test_a_connection_survives_hostile_frames_and_keeps_its_task_running():
                     await conn.handle(message)
                     await _flush(conn)
                     seen.append(await db(lambda: Task.objects.values_list("status", "progress").get(pk=task.pk))())
-                assert not conn.background and not conn.finishing, "a frame that is not terminal finished the task"
+                assert not conn.background.tasks and not conn.prompts.finishing, (
+                    "a frame that is not terminal finished the task"
+                )
             finally:
                 await conn.client.close()
 

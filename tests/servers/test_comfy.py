@@ -3,8 +3,9 @@ import struct
 
 import pytest
 
-from servers.comfy import Binary, ComfyClient, ComfyUnavailable, HistoryEntry, parse_frame
-from servers.upstream import ProgressTracker
+from servers.comfy import ComfyClient, ComfyUnavailable, HistoryEntry
+from servers.frames import Binary, parse_frame
+from servers.tracking import ProgressTracker
 
 
 def test_text_frames_become_typed_messages():

@@ -19,8 +19,12 @@ from django.utils import timezone
 
 from servers import pool, recovery
 from servers.comfy import ComfyClient, ComfyRejected
+from servers.connection import standalone
 from servers.models import ServerEvent, ServerState
-from servers.upstream import Connection, Supervisor
+from servers.reconcile import Reconciler
+from servers.sending import Sending
+from servers.supervisor import Supervisor
+from servers.tracking import Tracking
 from tasks import outputs
 from tasks.models import TERMINAL_STATUSES, Task, TaskEvent, TaskStatus
 from tests.conftest import wait_for
@@ -35,14 +39,14 @@ class Poison:
 
     def __init__(self, monkeypatch):
         self.prompts = set()
-        real_send = Connection.send
+        real_send = Sending.send
 
         async def send(conn, task, front=False):
             if is_poisoned(task):
                 self.prompts.add(task.prompt_id)
             return await real_send(conn, task, front=front)
 
-        monkeypatch.setattr(Connection, "send", send)
+        monkeypatch.setattr(Sending, "send", send)
 
 
 def is_poisoned(task):
@@ -158,7 +162,7 @@ def test_a_request_that_cannot_be_encoded_is_a_permanent_rejection_never_sent(gr
 def test_a_graph_with_a_lone_surrogate_fails_as_rejected_and_the_others_finish(
     alice_api, workflows, server, simulator, hub, monkeypatch
 ):
-    real_send = Connection.send
+    real_send = Sending.send
 
     async def send(conn, task, front=False):
         if is_poisoned(task):
@@ -166,7 +170,7 @@ def test_a_graph_with_a_lone_surrogate_fails_as_rejected_and_the_others_finish(
             task.graph["2"]["inputs"]["filename_prefix"] = "bad\ud800"
         return await real_send(conn, task, front=front)
 
-    monkeypatch.setattr(Connection, "send", send)
+    monkeypatch.setattr(Sending, "send", send)
     ids = submit(alice_api, [1, 2, POISON, 3, 4])
     all_finished(list(ids.values()))
     diagnosis = timelines(list(ids.values()))
@@ -194,9 +198,9 @@ def inject(step, monkeypatch, poison):
 
         monkeypatch.setattr(pool, "claim", raise_for(claimed, pool.claim))
     elif step == "send":
-        monkeypatch.setattr(Connection, "send", raise_for(lambda conn, task, **kw: is_poisoned(task), Connection.send))
+        monkeypatch.setattr(Sending, "send", raise_for(lambda sending, task, **kw: is_poisoned(task), Sending.send))
     elif step == "message":
-        monkeypatch.setattr(Connection, "started", raise_for(lambda conn, task: is_poisoned(task), Connection.started))
+        monkeypatch.setattr(Tracking, "started", raise_for(lambda tracking, task: is_poisoned(task), Tracking.started))
     elif step == "progress":
         monkeypatch.setattr(Task, "set_progress", raise_for(lambda task, value: is_poisoned(task), Task.set_progress))
     elif step == "reconcile":
@@ -232,14 +236,14 @@ def test_the_reconciliation_timer_survives_a_task_that_raises(
     poison = Poison(monkeypatch)
     inject("reconcile", monkeypatch, poison)
     passes = []
-    real = Connection.reconcile
+    real = Reconciler.reconcile
 
-    async def reconcile(conn, reason, only=None):
+    async def reconcile(reconciler, reason, only=None):
         if reason == "timer":
             passes.append(reason)
-        return await real(conn, reason, only=only)
+        return await real(reconciler, reason, only=only)
 
-    monkeypatch.setattr(Connection, "reconcile", reconcile)
+    monkeypatch.setattr(Reconciler, "reconcile", reconcile)
     ids = submit(alice_api, [1, POISON, 2])
     check_isolated(server, ids, ids[POISON])
     seen = len(passes)
@@ -298,13 +302,13 @@ def test_recovery_goes_on_past_a_task_that_raises(alice, server, simulator, monk
     monkeypatch.setattr(recovery, "apply", raise_for(lambda conn, task, grade: is_poisoned(task), recovery.apply))
     poisoned = stuck_task(alice, server, POISON)  # the quietest: recovered first
     other = stuck_task(alice, server, 1)
-    actions = {action.task_id: action for action in async_to_sync(recovery.recover)(older_than=60)}
+    actions = {action.task_id: action for action in async_to_sync(recovery.recover)(older_than=60, connect=standalone)}
     assert "could not recover it: RuntimeError" in actions[poisoned.pk].message
     # The next one was recovered all the same: the server does not know it, so it went back to the queue.
     assert actions[other.pk].grade == "recover_resync", actions
     assert Task.objects.get(pk=other.pk).status == TaskStatus.QUEUED
     for _ in range(2):
-        async_to_sync(recovery.recover)(older_than=60)
+        async_to_sync(recovery.recover)(older_than=60, connect=standalone)
     poisoned.refresh_from_db()
     assert poisoned.status == TaskStatus.FAILED and poisoned.error_kind == "internal_error"
     assert poisoned.events.filter(kind="step_failed", detail__step="recovery").count() == 3
@@ -371,7 +375,7 @@ def test_a_busy_socket_loop_is_not_taken_for_an_orphaned_socket(
     alice_api, workflows, server, simulator, hub, monkeypatch
 ):
     """The socket loop is stuck in one message (the database is slow) while a prompt is sent: frames wait unread."""
-    real = Connection.handle
+    real = Tracking.handle
     blocked = []
 
     async def handle(conn, message):
@@ -380,7 +384,7 @@ def test_a_busy_socket_loop_is_not_taken_for_an_orphaned_socket(
             await asyncio.sleep(5)
         return await real(conn, message)
 
-    monkeypatch.setattr(Connection, "handle", handle)
+    monkeypatch.setattr(Tracking, "handle", handle)
     simulator.set_time_scale(0.5)
     ids = submit(alice_api, [1, 2], workflow="blur-sharpen")
     all_finished(list(ids.values()))
@@ -392,7 +396,7 @@ def test_a_busy_socket_loop_is_not_taken_for_an_orphaned_socket(
 def test_a_result_the_timer_finds_while_its_message_is_handled_is_not_missed(
     alice_api, workflows, server, simulator, hub, monkeypatch
 ):
-    real = Connection.handle
+    real = Tracking.handle
     held = []
 
     async def handle(conn, message):
@@ -401,7 +405,7 @@ def test_a_result_the_timer_finds_while_its_message_is_handled_is_not_missed(
             await asyncio.sleep(3)  # the 1 s reconciliation timer finds the result meanwhile
         return await real(conn, message)
 
-    monkeypatch.setattr(Connection, "handle", handle)
+    monkeypatch.setattr(Tracking, "handle", handle)
     ids = submit(alice_api, [1])
     all_finished(list(ids.values()))
     assert held

@@ -302,7 +302,7 @@ def test_stopping_a_connection_ends_a_loop_that_lost_a_cancel():
     # A cancel can be lost (asyncio.wait_for's race on Python 3.11, asgiref's sync_to_async when its function is
     # running): the socket loop then goes on reading until the server closes the socket, and a supervisor that
     # waited for it once hung in a test's teardown until the simulator stopped.
-    from servers.upstream import cancel_and_wait
+    from servers.aio import cancel_and_wait
 
     async def socket_loop():
         with contextlib.suppress(asyncio.CancelledError):  # the lost cancel

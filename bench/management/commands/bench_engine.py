@@ -13,7 +13,7 @@ from django.test.utils import override_settings
 from comfyhub.harness import percentile, wait_until
 from comfysim import SimulatorThread
 from servers.models import Server
-from servers.upstream import SupervisorThread
+from servers.supervisor import SupervisorThread
 from tasks.models import ApiToken, Task
 from tasks.workflows import load_demo_workflows
 

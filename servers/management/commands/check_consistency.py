@@ -4,6 +4,7 @@ from collections import Counter
 from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand, CommandError
 
+from servers.connection import standalone
 from servers.consistency import KINDS, check
 from servers.models import Server
 
@@ -22,7 +23,7 @@ class Command(BaseCommand):
     def handle(self, server, fix, **options):
         if server is not None and not Server.objects.filter(name=server).exists():
             raise CommandError(f"There is no server named {server!r}.", returncode=2)
-        findings = async_to_sync(check)(server, fix)
+        findings = async_to_sync(check)(standalone, server, fix)
         for finding in findings:
             self.stdout.write(str(finding))
         counts = Counter(finding.kind for finding in findings)

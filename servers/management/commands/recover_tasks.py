@@ -3,6 +3,7 @@ import sys
 from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand, CommandError
 
+from servers.connection import standalone
 from servers.models import Server
 from servers.recovery import recover
 
@@ -26,7 +27,7 @@ class Command(BaseCommand):
             raise CommandError(f"There is no server named {server!r}.", returncode=2)
         if older_than is not None and older_than < 0:
             raise CommandError("--older-than must be zero or more seconds.", returncode=2)
-        actions = async_to_sync(recover)(older_than, server, dry_run)
+        actions = async_to_sync(recover)(older_than, server, dry_run, connect=standalone)
         for action in actions:
             self.stdout.write(str(action))
         verb = "would act on" if dry_run else "acted on"

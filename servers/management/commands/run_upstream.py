@@ -3,7 +3,7 @@ import signal
 
 from django.core.management.base import BaseCommand
 
-from servers.upstream import Supervisor
+from servers.supervisor import Supervisor
 
 
 class Command(BaseCommand):

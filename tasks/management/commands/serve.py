@@ -13,7 +13,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
 from servers.models import Server
-from servers.upstream import Supervisor
+from servers.supervisor import Supervisor
 from tasks.workflows import load_demo_workflows
 
 logger = logging.getLogger(__name__)

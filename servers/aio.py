@@ -1,0 +1,56 @@
+"""
+Asyncio helpers the supervisor's pieces share: the ORM from the event loop, and background work whose failures are
+logged, never swallowed. At the bottom of the house: nothing of the hub's is imported here.
+"""
+
+import asyncio
+import logging
+
+from asgiref.sync import sync_to_async
+
+logger = logging.getLogger(__name__)
+
+
+def db(fn):
+    """Run a sync ORM function from the supervisor's event loop."""
+    return sync_to_async(fn, thread_sensitive=True)
+
+
+async def cancel_and_wait(tasks):
+    """
+    Cancel the tasks and wait until every one has ended. One cancel is not always enough: cancelled while its sync
+    function runs, asgiref's sync_to_async waits for the function and then returns normally, so the task goes on
+    (a connection's socket loop would go on reading its socket, and whoever waits for it would wait until the
+    server closes that socket).
+    """
+    tasks = [task for task in tasks if task is not None]
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: each task logs its own failures
+
+
+class Background:
+    """The background work of one connection: each failure logged, everything cancelled together at the end."""
+
+    def __init__(self, name):
+        self.name = name
+        self.tasks = set()
+
+    def spawn(self, coro, name=None):
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task):
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("background work for %s failed", self.name, exc_info=task.exception())
+
+    async def cancel(self):
+        await cancel_and_wait(list(self.tasks))

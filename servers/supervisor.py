@@ -1,0 +1,265 @@
+"""
+The upstream supervisor: the connections of this process (one per enabled server whose lease it holds), dispatch
+of queued tasks to them, cancel requests, and the stuck-task watchdog.
+
+It runs inside Daphne in the embedded default (the in-memory channel layer cannot cross processes) and as
+`manage.py run_upstream` in production, where ownership leases (Lock rows) make sure that only one process holds
+the socket of a given server and submits its tasks. Request handlers wake it through servers/wake.py.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import close_old_connections, connections
+
+from servers import pool, wake
+from servers.aio import db
+from servers.connection import Connection
+from servers.guard import contained
+from servers.models import Lock, LockPurpose, Server, ServerState, upstream_key
+from servers.recovery import recover
+from tasks.models import ON_SERVER_STATUSES, Task
+
+logger = logging.getLogger(__name__)
+
+
+class Supervisor:
+    """Owns the connections of this process and feeds them work."""
+
+    def __init__(self, *, owner=None, tick=1.0, policy="fair"):
+        conf = settings.COMFYHUB
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.tick = tick
+        self.lease_seconds = conf["LEASE_SECONDS"]
+        self.reconcile_interval = conf["RECONCILE_INTERVAL"]
+        self.progress_interval = conf["PROGRESS_INTERVAL"]
+        self.probe_interval = conf["PROBE_INTERVAL"]
+        self.failover_seconds = conf["FAILOVER_SECONDS"]
+        self.horizon = 50  # queued tasks per user the planner looks at
+        self.next_watchdog = 0.0
+        self.policy = policy  # "fair" (servers/dispatch.py) or "naive", for comparison in bench_pool
+        self.turn = 0
+        self.http_timeout = 30.0
+        self.connections = {}
+        self.wake = None
+        self.loop = None
+        self._stopped = None
+        self._listener = None
+        self.stopping = False
+
+    def wake_threadsafe(self):
+        if self.loop is not None and self.wake is not None:
+            self.loop.call_soon_threadsafe(self.wake.set)
+
+    async def run(self):
+        self.loop = asyncio.get_running_loop()
+        self.wake = asyncio.Event()
+        self._stopped = asyncio.Event()
+        if self.stopping:
+            self._stopped.set()
+        wake.subscribe(self.wake_threadsafe)
+        if settings.REDIS_URL:
+            self._listener = asyncio.create_task(self.listen())
+        logger.info("upstream supervisor %s started", self.owner)
+        try:
+            while not self._stopped.is_set():
+                # Cleared before the step, so that a wake-up arriving during the step is not lost.
+                self.wake.clear()
+                try:
+                    await self.step()
+                except Exception:
+                    logger.exception("supervisor step failed")
+                    await db(close_old_connections)()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout=self.tick)
+        finally:
+            wake.unsubscribe(self.wake_threadsafe)
+            if self._listener is not None:
+                self._listener.cancel()
+            await self.shutdown()
+
+    def stop(self):
+        self.stopping = True
+        if self._stopped is not None:
+            self.loop.call_soon_threadsafe(self._stopped.set)
+            self.wake_threadsafe()
+
+    async def shutdown(self):
+        connections, self.connections = list(self.connections.values()), {}
+        await asyncio.gather(*(conn.stop() for conn in connections), return_exceptions=True)
+        await db(lambda: Lock.objects.filter(purpose=LockPurpose.UPSTREAM, owner=self.owner).delete())()
+        logger.info("upstream supervisor %s stopped", self.owner)
+
+    async def listen(self):
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        await layer.group_add(wake.SUPERVISOR_GROUP, channel)
+        while True:
+            try:
+                await layer.receive(channel)
+                self.wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("supervisor wake-up listener failed")
+                await asyncio.sleep(1)
+
+    async def step(self):
+        # Each part on its own: one failing (for whatever task or server) must not skip the others.
+        async with contained("managing the connections"):
+            await self.manage_connections()
+        async with contained("dispatch"):
+            await self.dispatch()
+        async with contained("processing cancel requests"):
+            await self.process_cancels()
+        if time.monotonic() >= self.next_watchdog:
+            self.next_watchdog = time.monotonic() + settings.COMFYHUB["WATCHDOG_INTERVAL"]
+            async with contained("the watchdog"):
+                await self.watchdog()
+
+    async def watchdog(self):
+        """Stuck-task recovery for this process's servers (see servers/recovery.py)."""
+        online = {pk: conn for pk, conn in self.connections.items() if conn.online}
+        if online:
+            for action in await recover(connections=online):
+                logger.warning("watchdog: %s", action)
+
+    async def manage_connections(self):
+        servers = await db(lambda: list(Server.objects.enabled()))()
+        wanted = {}
+        for server in servers:
+            held = await db(Lock.acquire)(
+                LockPurpose.UPSTREAM, upstream_key(server.pk), self.owner, self.lease_seconds, server=server
+            )
+            if held:
+                wanted[server.pk] = server
+        for pk in list(self.connections):
+            conn = self.connections[pk]
+            fresh = wanted.get(pk)
+            if fresh is None or fresh.url != conn.server.url:
+                del self.connections[pk]
+                await conn.stop()
+            else:
+                for name in ("max_in_flight", "pipeline_depth", "weight", "draining", "name"):
+                    setattr(conn.server, name, getattr(fresh, name))
+        for pk, server in wanted.items():
+            if pk not in self.connections:
+                conn = Connection(self, server)
+                self.connections[pk] = conn
+                conn.start()
+        disabled = await db(
+            lambda: list(Server.objects.filter(enabled=False).exclude(state=ServerState.DISABLED))
+        )()
+        for server in disabled:
+            await db(server.set_state)(ServerState.DISABLED)
+
+    async def dispatch(self):
+        """Plan over the whole pool (see servers/dispatch.py) and send what falls to this process's servers."""
+        local = {pk: conn.server for pk, conn in self.connections.items() if conn.online}
+        result, self.turn = await db(pool.make_plan)(local, self.horizon, self.policy, self.turn)
+        sent = 0
+        for candidate, slot, front in result.sends:
+            conn = self.connections.get(slot.server_id)
+            if conn is None or not conn.online:
+                continue
+            async with conn.guard(candidate.task_id, "dispatch"):
+                task = await db(pool.claim)(candidate.task_id, conn.server, self.owner)
+                if task is None:
+                    continue  # another worker, or a cancel, got there first
+                # Claimed before the send starts, so that no reconciliation pass sends it too.
+                conn.prompts.sending.add(task.prompt_id)
+                conn.background.spawn(conn.send_claimed(task, front=front))
+                sent += 1
+        return sent
+
+    async def process_cancels(self):
+        if not self.connections:
+            return
+        tasks = await db(
+            lambda: list(
+                Task.objects.select_related("server").filter(
+                    server__in=list(self.connections),
+                    status__in=ON_SERVER_STATUSES,
+                    cancel_requested_at__isnull=False,
+                )
+            )
+        )()
+        for task in tasks:
+            conn = self.connections.get(task.server_id)
+            if conn is not None and conn.online:
+                async with conn.guard(task, "cancel"):
+                    await conn.cancel(task)
+
+
+class SupervisorThread:
+    """A supervisor in a background thread with its own event loop (benchmarks, tests, sync callers)."""
+
+    def __init__(self, **kwargs):
+        self.supervisor = Supervisor(**kwargs)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+        self.started = threading.Event()
+        self.failure = None
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._main())
+        except BaseException as exc:  # re-raised by stop()
+            self.failure = exc
+        finally:
+            self.loop.close()
+
+    async def _main(self):
+        task = asyncio.create_task(self.supervisor.run())
+        await asyncio.sleep(0)
+        self.started.set()
+        try:
+            await task
+        finally:
+            # The ORM ran in asgiref's worker thread: close its connections so that nothing holds the database.
+            await db(connections.close_all)()
+
+    def start(self):
+        self.thread.start()
+        self.started.wait(timeout=15)
+        return self
+
+    def stop(self):
+        self.supervisor.stop()
+        self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            raise RuntimeError(f"the supervisor did not stop within 30 s; where its tasks wait:\n{self.where()}")
+        if self.failure is not None:
+            raise self.failure
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def where(self):
+        """The innermost frames of each of the loop's tasks: what a supervisor that will not stop waits for."""
+        lines = []
+        for task in list(asyncio.all_tasks(self.loop)):  # read from another thread: good enough for a report
+            places, coro = [], task.get_coro()
+            while coro is not None:  # follow the await chain down to what the task waits on
+                frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+                if frame is not None:
+                    code = frame.f_code
+                    places.append(f"{code.co_name} ({os.path.basename(code.co_filename)}:{frame.f_lineno})")
+                coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+            lines.append(f"  {task.get_name()}: {' > '.join(places[-4:]) or 'not started'}")
+        return "\n".join(lines)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
