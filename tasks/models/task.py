@@ -1,6 +1,5 @@
-import hashlib
-import json
-import secrets
+"""The task and its state machine: every transition a conditional UPDATE that says whether it won, with its event."""
+
 import uuid
 
 from django.conf import settings
@@ -8,28 +7,11 @@ from django.db import models, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from servers.models import Server
+from servers.models import Server, StalePrompt
 from servers.wake import notify_work
 from tasks.fields import JSONField
-
-
-class Workflow(models.Model):
-    """A ComfyUI graph in API format with the parameters a user may set."""
-
-    slug = models.SlugField(max_length=80, unique=True)
-    name = models.CharField(max_length=200)
-    description = models.TextField(blank=True)
-    graph = JSONField(help_text="The graph in ComfyUI's API format.")
-    parameters = JSONField(default=list, blank=True, help_text="See the README: workflow file format.")
-    enabled = models.BooleanField(default=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-    updated_at = models.DateTimeField(auto_now=True)
-
-    class Meta:
-        ordering = ["name"]
-
-    def __str__(self):
-        return self.name
+from tasks.models.affinity import release_affinity
+from tasks.models.events import TaskEvent
 
 
 class TaskStatus(models.TextChoices):
@@ -73,7 +55,7 @@ class Task(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tasks")
     workflow = models.ForeignKey(
-        Workflow, null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks"
+        "tasks.Workflow", null=True, blank=True, on_delete=models.SET_NULL, related_name="tasks"
     )
     inputs = JSONField(default=dict, blank=True)
     graph = JSONField(help_text="The resolved graph sent to ComfyUI.")
@@ -326,8 +308,6 @@ class Task(models.Model):
         The server lost the task (restart) or went away with it: send it again, up to the attempt limit, then
         fail it. With `stale`, the prompt left on the server is remembered (see move()).
         """
-        from servers.models import StalePrompt
-
         limit = settings.COMFYHUB["MAX_ATTEMPTS"]
         server, prompt_id = self.server, self.prompt_id
         if stale and server is not None and prompt_id:
@@ -355,8 +335,6 @@ class Task(models.Model):
         submitted (not started) → queued, away from a server that went offline: it will go to another one. The
         prompt left behind is remembered so that it is deleted there, and its result ignored, when it comes back.
         """
-        from servers.models import StalePrompt
-
         if self.started_at is not None:
             return False  # it may have run there: only requeue() (which counts the attempt) may take it away
         server, prompt_id = self.server, self.prompt_id
@@ -434,162 +412,3 @@ class Task(models.Model):
             message=message,
             detail=detail or {},
         )
-
-
-def graph_digest(graph):
-    return hashlib.sha256(json.dumps(graph, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def affinity_keys(task):
-    """The affinity lock keys of a task: each upload it uses, and its exact graph."""
-    keys = [f"upload:{binding['upload']}" for binding in task.image_inputs]
-    if task.graph_hash:
-        keys.append(f"graph:{task.owner_id}:{task.graph_hash}")
-    return keys
-
-
-def release_affinity(task):
-    """Release the affinity locks of a finished task that no other active task of its owner still needs."""
-    from servers.models import Lock, LockPurpose
-
-    keys = set(affinity_keys(task))
-    if not keys:
-        return 0
-    for other in Task.objects.active().filter(owner_id=task.owner_id).exclude(pk=task.pk):
-        keys -= set(affinity_keys(other))
-    return Lock.objects.filter(purpose=LockPurpose.AFFINITY, key__in=keys).delete()[0]
-
-
-class TaskEvent(models.Model):
-    """Append-only trail: every transition, reconnect and reconciliation of a task, with the server involved."""
-
-    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="events")
-    at = models.DateTimeField(default=timezone.now, db_index=True)
-    kind = models.CharField(max_length=40, db_index=True)
-    from_status = models.CharField(max_length=16, blank=True)
-    to_status = models.CharField(max_length=16, blank=True)
-    server = models.ForeignKey(Server, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    prompt_id = models.CharField(max_length=64, blank=True)
-    message = models.TextField(blank=True)
-    detail = JSONField(default=dict, blank=True)
-
-    class Meta:
-        ordering = ["at", "pk"]
-
-    def __str__(self):
-        return f"{self.kind} {self.from_status}→{self.to_status}"
-
-
-def output_path(instance, filename):
-    return f"outputs/{instance.task_id}/{filename}"
-
-
-# The only types a file is ever served inline as, and only once the hub has read them from the file's own bytes:
-# raster images cannot run script on the hub's origin, whereas SVG, HTML or anything unknown could.
-INLINE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
-DOWNLOAD_TYPE = "application/octet-stream"
-
-
-class TaskOutputQuerySet(models.QuerySet):
-    def images(self):
-        """Outputs whose bytes the hub read as a raster image: the ones shown as pictures."""
-        return self.filter(content_type__in=INLINE_TYPES)
-
-
-class TaskOutput(models.Model):
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="outputs")
-    node_id = models.CharField(max_length=64)
-    filename = models.CharField(max_length=255)
-    content_type = models.CharField(
-        max_length=100,
-        help_text="Read by the hub from the bytes: a PNG, JPEG, WebP or GIF type, else application/octet-stream.",
-    )
-    announced_type = models.CharField(
-        max_length=100, blank=True, help_text="What the ComfyUI server said the file was; never trusted, for staff."
-    )
-    size = models.PositiveBigIntegerField()
-    sha256 = models.CharField(max_length=64)
-    file = models.FileField(upload_to=output_path, max_length=400)
-    created_at = models.DateTimeField(auto_now_add=True)
-
-    objects = TaskOutputQuerySet.as_manager()
-
-    class Meta:
-        ordering = ["created_at", "filename"]
-
-    def __str__(self):
-        return self.filename
-
-    @property
-    def is_image(self):
-        return self.content_type in INLINE_TYPES
-
-
-def upload_path(instance, filename):
-    return f"uploads/{instance.owner_id}/{instance.id}{instance.extension}"
-
-
-class Upload(models.Model):
-    """An image a user uploaded, kept in hub storage and copied to a task's own server before its prompt."""
-
-    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="uploads")
-    original_name = models.CharField(max_length=255)
-    content_type = models.CharField(max_length=100)
-    size = models.PositiveBigIntegerField()
-    sha256 = models.CharField(max_length=64)
-    width = models.PositiveIntegerField()
-    height = models.PositiveIntegerField()
-    file = models.FileField(upload_to=upload_path, max_length=400)
-    created_at = models.DateTimeField(auto_now_add=True)
-
-    class Meta:
-        ordering = ["-created_at"]
-
-    def __str__(self):
-        return self.original_name
-
-    @property
-    def extension(self):
-        return {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}.get(
-            self.content_type, ".png"
-        )
-
-    @property
-    def remote_name(self):
-        """The unique name used on ComfyUI servers, so that two users' image.png never collide."""
-        return f"comfyhub-{self.id}{self.extension}"
-
-
-def hash_token(token):
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-class ApiToken(models.Model):
-    """A bearer token for the JSON API; only its hash is stored."""
-
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
-    name = models.CharField(max_length=100, blank=True)
-    prefix = models.CharField(max_length=12, editable=False)
-    key_hash = models.CharField(max_length=64, unique=True, editable=False)
-    created_at = models.DateTimeField(auto_now_add=True)
-    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
-
-    def __str__(self):
-        return f"{self.prefix}… ({self.user})"
-
-    @classmethod
-    def issue(cls, user, name=""):
-        """Create a token and return (token row, the plain token shown once)."""
-        plain = "ch_" + secrets.token_urlsafe(32)
-        token = cls.objects.create(user=user, name=name, prefix=plain[:10], key_hash=hash_token(plain))
-        return token, plain
-
-    @classmethod
-    def authenticate(cls, plain):
-        token = cls.objects.select_related("user").filter(key_hash=hash_token(plain)).first()
-        if token is None or not token.user.is_active:
-            return None
-        cls.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
-        return token.user

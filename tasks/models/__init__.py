@@ -1,0 +1,40 @@
+"""
+The tasks app's models, one module per noun: workflow.py, task.py (the state machine), events.py (its trail),
+affinity.py, files.py (outputs and uploads) and tokens.py. Everything is importable from tasks.models.
+"""
+
+from tasks.models.affinity import affinity_keys, graph_digest, release_affinity
+from tasks.models.events import TaskEvent
+from tasks.models.files import DOWNLOAD_TYPE, INLINE_TYPES, TaskOutput, Upload, output_path, upload_path
+from tasks.models.task import (
+    ACTIVE_STATUSES,
+    ON_SERVER_STATUSES,
+    TERMINAL_STATUSES,
+    Task,
+    TaskQuerySet,
+    TaskStatus,
+)
+from tasks.models.tokens import ApiToken, hash_token
+from tasks.models.workflow import Workflow
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "DOWNLOAD_TYPE",
+    "INLINE_TYPES",
+    "ON_SERVER_STATUSES",
+    "TERMINAL_STATUSES",
+    "ApiToken",
+    "Task",
+    "TaskEvent",
+    "TaskOutput",
+    "TaskQuerySet",
+    "TaskStatus",
+    "Upload",
+    "Workflow",
+    "affinity_keys",
+    "graph_digest",
+    "hash_token",
+    "output_path",
+    "release_affinity",
+    "upload_path",
+]

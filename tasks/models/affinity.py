@@ -1,0 +1,31 @@
+"""
+Affinity: a user's tasks that share an upload, or an identical graph, are pinned to one server while any of them
+is pending (servers/pool.py pins them), so that ComfyUI's cache and the copied image are reused there.
+"""
+
+import hashlib
+import json
+
+from servers.models import Lock, LockPurpose
+
+
+def graph_digest(graph):
+    return hashlib.sha256(json.dumps(graph, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def affinity_keys(task):
+    """The affinity lock keys of a task: each upload it uses, and its exact graph."""
+    keys = [f"upload:{binding['upload']}" for binding in task.image_inputs]
+    if task.graph_hash:
+        keys.append(f"graph:{task.owner_id}:{task.graph_hash}")
+    return keys
+
+
+def release_affinity(task):
+    """Release the affinity locks of a finished task that no other active task of its owner still needs."""
+    keys = set(affinity_keys(task))
+    if not keys:
+        return 0
+    for other in type(task).objects.active().filter(owner_id=task.owner_id).exclude(pk=task.pk):
+        keys -= set(affinity_keys(other))
+    return Lock.objects.filter(purpose=LockPurpose.AFFINITY, key__in=keys).delete()[0]

@@ -1,0 +1,88 @@
+"""The files of tasks: outputs copied off the servers into hub storage, and the images users upload."""
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+def output_path(instance, filename):
+    return f"outputs/{instance.task_id}/{filename}"
+
+
+# The only types a file is ever served inline as, and only once the hub has read them from the file's own bytes:
+# raster images cannot run script on the hub's origin, whereas SVG, HTML or anything unknown could.
+INLINE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
+DOWNLOAD_TYPE = "application/octet-stream"
+
+
+class TaskOutputQuerySet(models.QuerySet):
+    def images(self):
+        """Outputs whose bytes the hub read as a raster image: the ones shown as pictures."""
+        return self.filter(content_type__in=INLINE_TYPES)
+
+
+class TaskOutput(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    task = models.ForeignKey("tasks.Task", on_delete=models.CASCADE, related_name="outputs")
+    node_id = models.CharField(max_length=64)
+    filename = models.CharField(max_length=255)
+    content_type = models.CharField(
+        max_length=100,
+        help_text="Read by the hub from the bytes: a PNG, JPEG, WebP or GIF type, else application/octet-stream.",
+    )
+    announced_type = models.CharField(
+        max_length=100, blank=True, help_text="What the ComfyUI server said the file was; never trusted, for staff."
+    )
+    size = models.PositiveBigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    file = models.FileField(upload_to=output_path, max_length=400)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = TaskOutputQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["created_at", "filename"]
+
+    def __str__(self):
+        return self.filename
+
+    @property
+    def is_image(self):
+        return self.content_type in INLINE_TYPES
+
+
+def upload_path(instance, filename):
+    return f"uploads/{instance.owner_id}/{instance.id}{instance.extension}"
+
+
+class Upload(models.Model):
+    """An image a user uploaded, kept in hub storage and copied to a task's own server before its prompt."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="uploads")
+    original_name = models.CharField(max_length=255)
+    content_type = models.CharField(max_length=100)
+    size = models.PositiveBigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    file = models.FileField(upload_to=upload_path, max_length=400)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return self.original_name
+
+    @property
+    def extension(self):
+        return {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}.get(
+            self.content_type, ".png"
+        )
+
+    @property
+    def remote_name(self):
+        """The unique name used on ComfyUI servers, so that two users' image.png never collide."""
+        return f"comfyhub-{self.id}{self.extension}"
