@@ -113,7 +113,7 @@ def task_json(task, request=None):
     outputs = [
         {
             "id": str(out.pk),
-            "filename": out.filename,
+            "filename": out.display_name,
             "content_type": out.content_type,
             "size": out.size,
             "sha256": out.sha256,

@@ -289,7 +289,7 @@ def output_response(request, output):
         file = output.file.open("rb")
     except FileNotFoundError:
         raise Http404("The file of this output is missing from storage.") from None
-    return _file_response(request, file, output.content_type, output.filename)
+    return _file_response(request, file, output.content_type, output.display_name)
 
 
 @require_GET

@@ -1,5 +1,6 @@
 """The files of tasks: outputs copied off the servers into hub storage, and the images users upload."""
 
+import re
 import uuid
 
 from django.conf import settings
@@ -20,6 +21,10 @@ class TaskOutputQuerySet(models.QuerySet):
     def images(self):
         """Outputs whose bytes the hub read as a raster image: the ones shown as pictures."""
         return self.filter(content_type__in=INLINE_TYPES)
+
+
+# The unguessable prefix every SaveImage-like node gets on the server (tasks/submission.py): "ch-<24 hex>-".
+HUB_PREFIX_IN_NAME = re.compile(r"^ch-[0-9a-f]{24}(?:-|(?=_))")
 
 
 class TaskOutput(models.Model):
@@ -46,6 +51,17 @@ class TaskOutput(models.Model):
 
     def __str__(self):
         return self.filename
+
+    @property
+    def display_name(self):
+        """
+        The name its owner sees and downloads: the server's name without the hub's per-task prefix, which only
+        keeps other users of the server from guessing it (`filename` keeps it: the consistency check matches it).
+        """
+        name = HUB_PREFIX_IN_NAME.sub("", self.filename)
+        if name.startswith("_"):
+            name = "output" + name  # the author gave no prefix of their own
+        return name or self.filename
 
     @property
     def is_image(self):

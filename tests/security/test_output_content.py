@@ -304,6 +304,6 @@ def test_an_svg_from_a_server_is_stored_and_served_as_a_download(
     assert output.filename.endswith(".svg") and output.announced_type == "image/svg+xml"
     assert output.content_type == DOWNLOAD_TYPE
     reply = api.get(f"/api/v1/outputs/{output.pk}")
-    assert_download(reply, output.filename)
+    assert_download(reply, output.display_name)  # the name its owner downloads: without the hub's prefix
     assert body(reply) == SVG_WITH_SCRIPT
     assert output.size == len(SVG_WITH_SCRIPT)

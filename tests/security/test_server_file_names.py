@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.models import Task, TaskStatus, Workflow
+from tasks.models import Task, TaskOutput, TaskStatus, Workflow
 from tasks.workflows import WorkflowFileError, load_workflow
 from tests.conftest import wait_for
 
@@ -119,3 +119,11 @@ def test_a_stored_workflow_whose_text_names_a_server_file_is_refused_at_submit(a
     assert reply.status_code == 400
     assert "names a file on the server" in reply.json()["error"]["details"]["picture"]
     assert not Task.objects.exists()
+
+
+def test_owners_see_output_names_without_the_hub_prefix():
+    token = "ch-" + "0a" * 12
+    assert TaskOutput(filename=f"{token}-invert_00001_.png").display_name == "invert_00001_.png"
+    assert TaskOutput(filename=f"{token}_00001_.png").display_name == "output_00001_.png"  # no prefix of its own
+    assert TaskOutput(filename="ComfyUI_00001_.png").display_name == "ComfyUI_00001_.png"
+    assert TaskOutput(filename="ch-not-hex-at-all.png").display_name == "ch-not-hex-at-all.png"

@@ -61,14 +61,18 @@ def test_a_task_runs_to_completion_with_its_outputs_stored(alice_api, workflows,
     body = alice_api.task(task.pk)
     assert body["status"] == "succeeded" and body["server"] == "gpu-a"
     [output] = body["outputs"]
-    # The file name on the server starts with the task's own unguessable prefix, then the author's.
-    assert output["filename"].startswith(task.graph["3"]["inputs"]["filename_prefix"] + "_")
-    assert output["filename"].startswith("ch-") and "-invert_" in output["filename"]
+    # The file name on the server starts with the task's own unguessable prefix, then the author's; its owner
+    # sees and downloads it without the hub's part.
+    stored = task.outputs.get().filename
+    assert stored.startswith(task.graph["3"]["inputs"]["filename_prefix"] + "_")
+    assert stored.startswith("ch-") and "-invert_" in stored
+    assert output["filename"] == stored.split("-", 2)[2] and output["filename"].startswith("invert_")
     assert output["content_type"] == "image/png"
     download = alice_api.get(output["url"])
     content = b"".join(download.streaming_content)
     # Byte-identical to what the task's own server produced.
-    assert content == server_file(simulator, output["filename"])
+    assert content == server_file(simulator, stored)
+    assert download["Content-Disposition"] == f'inline; filename="{output["filename"]}"'
     assert hashlib.sha256(content).hexdigest() == output["sha256"] and len(content) == output["size"]
     kinds = list(task.events.values_list("kind", flat=True))
     assert kinds[:2] == ["created", "submitted"]
