@@ -1,22 +1,17 @@
 """comfysim stands alone: it imports without Django and runs from a shell with `python -m comfysim`."""
 
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 
+from comfyhub.harness import free_port
+
 
 def test_it_imports_without_django():
     code = "import sys, comfysim; assert not any(m.split('.')[0] == 'django' for m in sys.modules), 'django'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_python_dash_m_comfysim_serves_until_terminated(tmp_path):
