@@ -8,6 +8,7 @@ runs `manage.py run_upstream` beside any number of Daphne processes.
 """
 
 import os
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -156,28 +157,48 @@ USING_SQLITE = _database["ENGINE"] == "django.db.backends.sqlite3"
 # --- Channel layer and cache ----------------------------------------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "")
 REDIS_PREFIX = os.environ.get("REDIS_PREFIX", "comfyhub")
+# A user's live feed in one Daphne process reads one channel (tasks/consumers.py); it drains it as fast as messages
+# arrive, so the layers' default cap of 100 queued messages (over it, a message is dropped without a word) is only
+# reached by a burst. Give it room.
+FEED_CAPACITY = {"feed*": env_int("COMFYHUB_FEED_CAPACITY", 10_000, minimum=100)}
+# Which channels_redis layer: "pubsub" (Redis PUBLISH/SUBSCRIBE: one round trip per message sent, none per message
+# received) or "core" (lists read with BZPOPMIN: durable for a minute, four round trips per message). BENCHMARKS.md
+# has the figures that chose the default.
+REDIS_LAYER = os.environ.get("COMFYHUB_REDIS_LAYER", "pubsub")
+if REDIS_LAYER not in ("pubsub", "core"):
+    raise ImproperlyConfigured(f"COMFYHUB_REDIS_LAYER must be pubsub or core, not {REDIS_LAYER!r}")
 if REDIS_URL:
-    CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {
-                # redis-py's default 5 s socket timeout equals channels_redis' 5 s BRPOP: an idle receive()
-                # would fail with a timeout instead of simply returning nothing. Give reads more room than that.
-                # redis-py 8 caps a pool at 100 connections and fails the 101st command at once instead of
-                # waiting: a burst of browser sockets opening together (a deploy, a Wi-Fi reconnect) would get
-                # HTTP 500 from group_add. Idle connections are reused, so the cap only bounds bursts.
-                "hosts": [
-                    {
-                        "address": REDIS_URL,
-                        "socket_timeout": 15,
-                        "socket_connect_timeout": 5,
-                        "max_connections": env_int("COMFYHUB_REDIS_MAX_CONNECTIONS", 2000),
-                    }
-                ],
-                "prefix": REDIS_PREFIX,
-            },
-        }
+    _redis_host = {
+        # redis-py's default 5 s socket timeout equals channels_redis' 5 s BRPOP: an idle receive() would fail
+        # with a timeout instead of simply returning nothing. Give reads more room than that.
+        "address": REDIS_URL,
+        "socket_timeout": 15,
+        "socket_connect_timeout": 5,
     }
+    if REDIS_LAYER == "pubsub":
+        CHANNEL_LAYERS = {
+            "default": {
+                "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+                # A subscriber's socket may sit idle for as long as nothing is published: no read timeout.
+                "CONFIG": {"hosts": [{**_redis_host, "socket_timeout": None}], "prefix": REDIS_PREFIX},
+            }
+        }
+    else:
+        CHANNEL_LAYERS = {
+            "default": {
+                "BACKEND": "channels_redis.core.RedisChannelLayer",
+                "CONFIG": {
+                    # redis-py 8 caps a pool at 100 connections and fails the 101st command at once instead of
+                    # waiting: a burst of browser sockets opening together (a deploy, a Wi-Fi reconnect) would get
+                    # HTTP 500 from group_add. Idle connections are reused, so the cap only bounds bursts.
+                    "hosts": [
+                        {**_redis_host, "max_connections": env_int("COMFYHUB_REDIS_MAX_CONNECTIONS", 2000)}
+                    ],
+                    "prefix": REDIS_PREFIX,
+                    "channel_capacity": FEED_CAPACITY,
+                },
+            }
+        }
     # The bearer-token failure counters (comfyhub/ratelimit.py) must be shared by every process.
     CACHES = {
         "default": {
@@ -189,7 +210,13 @@ if REDIS_URL:
     }
 else:
     # The in-memory layer cannot cross processes, which is why the supervisor runs inside Daphne then.
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CHANNEL_LAYERS = {
+        # InMemoryChannelLayer reads channel_capacity as (compiled pattern, capacity) pairs, unlike channels_redis.
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"channel_capacity": [(re.compile(r"^feed"), FEED_CAPACITY["feed*"])]},
+        }
+    }
     # Per process, like the layer: the embedded default is one process.
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
@@ -224,10 +251,14 @@ COMFYHUB = {
     "MAX_ATTEMPTS": env_int("COMFYHUB_MAX_ATTEMPTS", 3, minimum=1),
     # Seconds between reconciliations of every active task of a connected server against /queue and /history.
     "RECONCILE_INTERVAL": env_int("COMFYHUB_RECONCILE_INTERVAL", 10, minimum=1),
-    # How often a task's progress may be written and pushed (ComfyUI can send 200 progress messages a second).
-    "PROGRESS_INTERVAL": env_float("COMFYHUB_PROGRESS_INTERVAL", 0.25, minimum=0.01),
-    # How often a browser socket may receive a frame: updates in between are folded into the next one.
-    "PUSH_INTERVAL": env_float("COMFYHUB_PUSH_INTERVAL", 0.2, minimum=0.01),
+    # Seconds between two writes of a running task's progress to the database (page loads and the API read it;
+    # the live path does not): the newest value always lands before the task ends.
+    "PROGRESS_INTERVAL": env_float("COMFYHUB_PROGRESS_WRITE_SECONDS", 1.0, minimum=0.01),
+    # Seconds between two live progress pushes of one task (ComfyUI can send 200 progress messages a second): the
+    # first change after a quiet spell goes out at once, the ones in between fold into the next push.
+    "PUSH_INTERVAL": env_float("COMFYHUB_PUSH_INTERVAL", 0.05, minimum=0.001),
+    # Sampler previews pushed per second per task, at most (the newest wins); 0 turns them off.
+    "PREVIEW_FPS": env_float("COMFYHUB_PREVIEW_FPS", 4.0, minimum=0.0),
     # Largest output file copied off a GPU server, in bytes.
     "MAX_OUTPUT_BYTES": env_int("COMFYHUB_MAX_OUTPUT_BYTES", 200 * 1024 * 1024, minimum=1),
     # Largest image a user may upload, in bytes.

@@ -9,7 +9,7 @@ from django.contrib.auth import get_user_model
 from django.template.loader import render_to_string
 
 from ops.dashboard import dashboard
-from tasks.progress import OPS_GROUP, user_group
+from tasks.progress import OPS_GROUP
 from tasks.sockets import SignedInSocket
 
 logger = logging.getLogger(__name__)
@@ -30,8 +30,8 @@ class OpsConsumer(SignedInSocket):
         self.user = user
         self.dirty_since = None
         self.last_flush = None
-        # The user's group too: a password change or a deactivation closes the staff's dashboards as well.
-        if not await self.join(OPS_GROUP, user_group(user.pk)):
+        # With the account's group (join adds it): a password change or a deactivation closes dashboards too.
+        if not await self.join(OPS_GROUP):
             await self.close()  # logged out (or password changed) while the handshake ran
             return
         await self.accept()
@@ -47,9 +47,6 @@ class OpsConsumer(SignedInSocket):
 
     async def ops_update(self, event):
         self.mark_dirty()
-
-    async def task_update(self, event):
-        pass  # the user's group carries their task rows too; the dashboard re-reads the pool on ops.update
 
     def stop_pushing(self):
         self.signed_out = True

@@ -107,13 +107,25 @@ def ping_database():
         cursor.fetchone()
 
 
+# One channel per layer and event loop, reused by every probe: the pub/sub layer subscribes to each new channel and
+# unsubscribes only when a receive is cancelled, so a channel per probe would pile up subscriptions.
+_ping_channels = {}
+
+
 async def ping_channel_layer():
     layer = get_channel_layer()
     if layer is None:
         raise RuntimeError("no channel layer is configured")
-    channel = await layer.new_channel()
-    nonce = secrets.token_hex(8)
-    await layer.send(channel, {"type": "readyz.ping", "nonce": nonce})
-    message = await layer.receive(channel)
-    if message.get("nonce") != nonce:
-        raise RuntimeError(f"the channel layer returned another message: {message!r}")
+    key = (id(layer), id(asyncio.get_running_loop()))
+    if key not in _ping_channels:
+        _ping_channels[key] = (asyncio.Lock(), await layer.new_channel(prefix="readyz"))
+    lock, channel = _ping_channels[key]
+    async with lock:
+        nonce = secrets.token_hex(8)
+        try:
+            await layer.send(channel, {"type": "readyz.ping", "nonce": nonce})
+            while (await layer.receive(channel)).get("nonce") != nonce:
+                pass  # the answer to an earlier probe that timed out
+        except BaseException:
+            _ping_channels.pop(key, None)  # a cancelled receive leaves the channel: the next probe makes another
+            raise

@@ -30,7 +30,7 @@ class ServerAdmin(admin.ModelAdmin):
     search_fields = ["name", "base_url"]
     readonly_fields = [
         "state", "state_reason", "state_changed_at", "client_id", "last_seen", "last_error", "foreign_queue",
-        "fingerprint", "last_probe_at", "capabilities_at", "created_at",
+        "fingerprint", "last_probe_at", "capabilities_at", "comfyui_version", "created_at",
     ]
     exclude = ["capabilities"]
     inlines = [ServerEventInline]

@@ -54,3 +54,51 @@ class Background:
 
     async def cancel(self):
         await cancel_and_wait(list(self.tasks))
+
+
+class Throttle:
+    """
+    Leading-edge rate limit for one stream of changes: the first `poke()` after a quiet spell runs `send()` at once,
+    later ones at most every `interval` seconds, and the newest state always goes out last (`send` reads the state
+    when it runs, so the pokes in between fold into it). No fixed tick: nothing waits that need not.
+    """
+
+    def __init__(self, interval, send):
+        self.interval = interval
+        self.send = send
+        self.dirty = False
+        self.last = None
+        self.runner = None
+
+    def poke(self):
+        self.dirty = True
+        if self.runner is None or self.runner.done():
+            self.runner = asyncio.create_task(self._run())
+
+    async def _run(self):
+        loop = asyncio.get_running_loop()
+        while self.dirty:
+            if self.last is not None:
+                wait = self.last + self.interval - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            self.dirty = False
+            self.last = loop.time()
+            try:
+                await self.send()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("a throttled send failed")  # the next poke tries again with newer state
+
+    async def flush(self):
+        """Send the newest state now if it has not gone out yet, and stop the pending send."""
+        dirty, self.dirty = self.dirty, False
+        self.close()
+        if dirty:
+            await self.send()
+
+    def close(self):
+        runner, self.runner = self.runner, None
+        if runner is not None and not runner.done() and runner is not asyncio.current_task():
+            runner.cancel()

@@ -17,6 +17,7 @@ from servers.guard import step_guard
 from servers.health import Health
 from servers.link import Link
 from servers.models import Lock, LockPurpose, upstream_key
+from servers.previews import Previews
 from servers.prompts import Prompts
 from servers.reconcile import Reconciler
 from servers.sending import Sending
@@ -45,9 +46,10 @@ class Connection:
             record=self.record,
         )  # fmt: skip
         self.tracking = Tracking(
-            server, self.prompts, guard=self.guard, finish_soon=self.finish_soon,
-            progress_interval=supervisor.progress_interval,
+            server, self.prompts, guard=self.guard, finish_soon=self.finish_soon, preview=self.preview,
+            push_interval=settings.COMFYHUB["PUSH_INTERVAL"], write_interval=supervisor.progress_interval,
         )  # fmt: skip
+        self.previews = Previews(server, self.prompts, fps=lambda: settings.COMFYHUB["PREVIEW_FPS"])
         self.completion = Completion(self.client, server, self.prompts, guard=self.guard, spawn=spawn, wake=self.wake)
         self.reconciler = Reconciler(
             self.client, server, self.prompts, guard=self.guard, holds_lease=self.holds_lease, link=self.link,
@@ -78,13 +80,13 @@ class Connection:
 
     def start(self):
         self._runner = asyncio.create_task(self.link.run(), name=f"upstream-{self.server.name}")
-        self.background.spawn(self.tracking.flush_progress_loop())
         self.background.spawn(self.reconciler.loop())
         self.background.spawn(self.health.probe_loop())
 
     async def stop(self):
         self.link.stopping = True
         await cancel_and_wait([self._runner, *self.background.tasks])
+        self.tracking.close()
         await self.client.close()
 
     async def holds_lease(self, margin=0.0):
@@ -133,6 +135,9 @@ class Connection:
 
     async def handle(self, message):
         await self.tracking.handle(message)
+
+    def preview(self, task, node_id, frame):
+        self.previews.offer(task, node_id, frame)
 
     # --- what the supervisor, recovery and the consistency check ask -----------------------------------
 

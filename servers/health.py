@@ -79,7 +79,8 @@ class Health:
             await db(self.server.record)("restarted", "its /system_stats changed: it restarted", {"took": elapsed})
         if restarted or connecting or not self.server.capabilities:
             await self.refresh_capabilities()
-        await db(_save_probe)(self.server, fingerprint, queue.foreign(self.server.client_id))  # any holder's are ours
+        foreign = queue.foreign(self.server.client_id)  # any holder's are ours
+        await db(_save_probe)(self.server, fingerprint, foreign, _version(stats))
         if connecting:
             return
         if not self.link.online and not self.link.reconnecting:
@@ -179,9 +180,16 @@ def _fingerprint(stats):
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _save_probe(server, fingerprint, foreign_queue):
+def _version(stats):
+    system = stats.get("system") if isinstance(stats, dict) else None
+    version = system.get("comfyui_version") if isinstance(system, dict) else None
+    return str(version)[:40] if isinstance(version, str | int | float) else ""
+
+
+def _save_probe(server, fingerprint, foreign_queue, version):
     now = timezone.now()
     server.fingerprint, server.foreign_queue, server.last_probe_at = fingerprint, foreign_queue, now
+    server.comfyui_version = version
     Server.objects.filter(pk=server.pk).update(
-        fingerprint=fingerprint, foreign_queue=foreign_queue, last_probe_at=now, last_seen=now
+        fingerprint=fingerprint, foreign_queue=foreign_queue, last_probe_at=now, last_seen=now, comfyui_version=version
     )

@@ -91,6 +91,14 @@ class Server(models.Model):
     capabilities_at = models.DateTimeField(null=True, blank=True, editable=False)
     fingerprint = models.CharField(max_length=64, blank=True, editable=False)
     last_probe_at = models.DateTimeField(null=True, blank=True, editable=False)
+    comfyui_version = models.CharField(max_length=40, blank=True, editable=False)
+    previews = models.BooleanField(
+        default=True,
+        help_text=(
+            "Ask for sampler previews. Off sends preview_method none to servers 0.5 and later; a 0.3 server sends "
+            "previews only when started with --preview-method, and the hub drops them when this is off."
+        ),
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = ServerQuerySet.as_manager()

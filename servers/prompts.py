@@ -11,6 +11,7 @@ class Prompts:
     def __init__(self):
         self.tasks = {}  # prompt_id -> Task, for the tasks of this server that are on it now
         self.trackers = {}  # prompt_id -> ProgressTracker
+        self.previews = {}  # prompt_id -> the newest sampler preview waiting to be pushed (servers/previews.py)
         self.ws_images = {}  # prompt_id -> [(node_id, content_type, bytes)] from SaveImageWebsocket
         self.sending = set()  # prompt_ids whose POST /prompt is in flight
         self.finishing = set()  # prompt_ids being finished: other terminal signals are no-ops
@@ -42,8 +43,13 @@ class Prompts:
         self.own.discard(prompt_id)
         self.adopted.discard(prompt_id)
         self.tasks.pop(prompt_id, None)
-        self.trackers.pop(prompt_id, None)
+        tracker = self.trackers.pop(prompt_id, None)
+        if tracker is not None:
+            tracker.close()  # its pending push and write go with it
         self.ws_images.pop(prompt_id, None)
+        preview = self.previews.pop(prompt_id, None)
+        if preview is not None:
+            preview.close()
         self.cancel_sent.discard(prompt_id)
         if self.running == prompt_id:
             self.running = None

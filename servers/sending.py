@@ -6,6 +6,7 @@ uploads there first, and taking a prompt off the server again (cancel, give up).
 import logging
 import time
 
+from servers import previews
 from servers.aio import db
 from servers.comfy import ComfyError, ComfyRejected, ComfyUnavailable
 from tasks.models import Task, TaskStatus, Upload
@@ -64,7 +65,8 @@ class Sending:
                 prompts.forget(prompt_id)
                 return
             stream, posted_at = self.link.stream, time.monotonic()
-            reply = await self.client.submit(task.graph, prompt_id, self.client_id, front=front)
+            extra = await db(previews.extra_data)(self.server, task) if previews.asks(self.server) else None
+            reply = await self.client.submit(task.graph, prompt_id, self.client_id, extra, front=front)
         except ComfyRejected as exc:
             await db(task.mark_failed)("rejected", rejection_message(exc), rejection_details(exc))
             prompts.forget(prompt_id)

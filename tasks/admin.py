@@ -13,7 +13,7 @@ from tasks.models import ACTIVE_STATUSES, ApiToken, Task, TaskEvent, TaskOutput,
 
 @admin.register(Workflow)
 class WorkflowAdmin(admin.ModelAdmin):
-    list_display = ["slug", "name", "enabled", "updated_at"]
+    list_display = ["slug", "name", "enabled", "preview_method", "updated_at"]
     search_fields = ["slug", "name"]
 
 

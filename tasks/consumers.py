@@ -1,24 +1,31 @@
-"""The browser's live socket: one per window, joined to its user's group only, pushing rendered rows."""
+"""
+The browser's live socket: one per window. The windows of one user in one process share one subscription to the
+user's group (UserFeed), which patches the page from what arrives: a progress or preview fact becomes a small
+fragment rendered from the fact alone; a status change re-renders the task's row from the database.
+"""
 
 import asyncio
 import logging
+from collections import deque
 
 from channels.db import database_sync_to_async
-from django.conf import settings
+from channels.layers import get_channel_layer
 from django.template.loader import render_to_string
 
-from tasks.models import TaskStatus
+from tasks.live import PREVIEW, PROGRESS, render_fact
+from tasks.models import TERMINAL_STATUSES, TaskStatus
 from tasks.progress import user_group
 from tasks.sockets import SignedInSocket
 from tasks.submission import user_tasks
 
 logger = logging.getLogger(__name__)
 
-SEEN_UPDATES = 2000  # update ids a feed remembers: far more than arrive between two copies of one update
+ENDED_REMEMBERED = 2000  # tasks a feed knows have ended, so that a late fact cannot draw over a finished row
 
 
 class TaskConsumer(SignedInSocket):
     feed = None
+    outbox = None
 
     async def connect(self):
         user = self.scope.get("user")
@@ -26,11 +33,15 @@ class TaskConsumer(SignedInSocket):
             await self.close()  # before accept: the handshake is refused with 403
             return
         self.user = user
-        if not await self.join(user_group(user.pk)):
+        feed = await UserFeed.open(user)  # subscribed before the sign-in check below, so nothing falls between
+        if not await self.join():
+            feed.release()
             await self.close()  # logged out (or password changed) while the handshake ran
             return
         await self.accept()
-        self.feed = UserFeed.join(user, self)
+        self.outbox = Outbox(self)
+        feed.attach(self)
+        self.feed = feed
 
     async def disconnect(self, code):
         self.stop_pushing()
@@ -39,93 +50,183 @@ class TaskConsumer(SignedInSocket):
     async def receive(self, text_data=None, bytes_data=None):
         pass  # the page sends nothing we act on: every action is an ordinary HTTP request
 
-    async def task_update(self, event):
-        if self.feed is not None:
-            self.feed.add(event)
-
     def stop_pushing(self):
-        # Leaving the feed drops this window from the frame being rendered; other windows still get theirs.
+        # Whatever waits in this window's outbox is dropped unsent; other windows still get theirs.
         feed, self.feed = self.feed, None
         if feed is not None:
             feed.leave(self)
+        if self.outbox is not None:
+            self.outbox.close()
+
+
+class Outbox:
+    """
+    What waits to go to one window, one part per (kind, task): a part replaced before it went out is never sent.
+    While a window's frame is being sent (a slow client, a busy process), what comes meanwhile folds into the next
+    frame, so that window gets the newest state and the user's other windows do not wait for it.
+    """
+
+    def __init__(self, socket):
+        self.socket = socket
+        self.parts = {}
+        self.sender = None
+
+    def put(self, parts):
+        for key, html in parts:
+            self.parts.pop(key, None)  # moved to the end: the order of a batch is kept (a row before its facts)
+            self.parts[key] = html
+        if self.sender is None or self.sender.done():
+            self.sender = asyncio.ensure_future(self.send())
+
+    async def send(self):
+        while self.parts:
+            parts, self.parts = self.parts, {}
+            try:
+                await self.socket.send(text_data="\n".join(parts.values()))
+            except Exception:
+                logger.warning("could not push live updates to a window of user %s", self.socket.user.pk)
+
+    def close(self):
+        self.parts = {}
+        sender, self.sender = self.sender, None
+        if sender is not None and not sender.done() and sender is not asyncio.current_task():
+            sender.cancel()
 
 
 class UserFeed:
     """
-    The open windows of one user in this process. Every window receives its own copy of each update (the group
-    is the user's); the feed folds the copies and a burst of updates into one frame per push interval, renders it
-    once, and sends it to every window: ten open windows cost one render, not ten.
+    The open windows of one user in this process and their one subscription to the user's group. It reads its
+    channel as fast as messages come and folds what arrived while it was busy: per task the newest progress and the
+    newest preview, and one row for any number of status changes. A window never gets a backlog, only the newest
+    state; ten open windows cost one render, not ten.
     """
 
     feeds = {}  # user pk -> UserFeed, in this process
 
     def __init__(self, user):
         self.user = user
+        self.layer = get_channel_layer()
+        self.loop = asyncio.get_running_loop()
         self.sockets = set()
-        self.pending = {}  # task id -> {"created", "upstream_at"}
-        self.seen = {}  # ids of the last updates folded, oldest first (each arrives once per window)
-        self.flusher = None
-        self.last_flush = 0.0
+        self.opening = 0  # windows between open() and attach() or release()
+        self.inbox = deque()
+        self.arrived = asyncio.Event()
+        self.ended = {}  # ids of tasks whose finished row went out, oldest first
+        self.channel = None
+        self.loops = []
+        self.subscribed = asyncio.ensure_future(self.subscribe())
 
     @classmethod
-    def join(cls, user, socket):
+    async def open(cls, user):
         feed = cls.feeds.get(user.pk)
-        if feed is None:
+        if feed is None or feed.loop is not asyncio.get_running_loop() or feed.layer is not get_channel_layer():
             feed = cls.feeds[user.pk] = cls(user)
-        feed.sockets.add(socket)
+        feed.opening += 1
+        try:
+            await asyncio.shield(feed.subscribed)
+        except BaseException:
+            feed.release()
+            raise
         return feed
+
+    async def subscribe(self):
+        self.channel = await self.layer.new_channel(prefix="feed")
+        await self.layer.group_add(user_group(self.user.pk), self.channel)
+        self.loops = [asyncio.ensure_future(self.read()), asyncio.ensure_future(self.work())]
+
+    def attach(self, socket):
+        self.opening -= 1
+        self.sockets.add(socket)
+
+    def release(self):
+        self.opening -= 1
+        self.close_if_unused()
 
     def leave(self, socket):
         self.sockets.discard(socket)
-        if not self.sockets:
-            if self.flusher is not None:
-                self.flusher.cancel()
-            if UserFeed.feeds.get(self.user.pk) is self:
-                del UserFeed.feeds[self.user.pk]
+        self.close_if_unused()
 
-    def add(self, event):
-        event_id = event.get("id")
-        if event_id is not None:
-            if event_id in self.seen:
-                return
-            self.seen[event_id] = None
-            if len(self.seen) > SEEN_UPDATES:
-                del self.seen[next(iter(self.seen))]
-        entry = self.pending.setdefault(event["task"], {"created": False, "upstream_at": None})
-        entry["created"] = entry["created"] or bool(event.get("created"))
-        upstream_at = event.get("upstream_at")
-        if upstream_at and (entry["upstream_at"] is None or upstream_at < entry["upstream_at"]):
-            entry["upstream_at"] = upstream_at
-        if self.flusher is None or self.flusher.done():
-            self.flusher = asyncio.create_task(self.flush())
+    def close_if_unused(self):
+        if self.sockets or self.opening > 0:
+            return
+        if UserFeed.feeds.get(self.user.pk) is self:
+            del UserFeed.feeds[self.user.pk]
+        for loop in self.loops:
+            loop.cancel()
+        asyncio.ensure_future(self.unsubscribe())
 
-    async def flush(self):
-        interval = settings.COMFYHUB["PUSH_INTERVAL"]
-        loop = asyncio.get_running_loop()
-        while self.pending and self.sockets:
-            await asyncio.sleep(max(0.0, self.last_flush + interval - loop.time()))
-            pending, self.pending = self.pending, {}
+    async def unsubscribe(self):
+        try:
+            await self.subscribed
+            await self.layer.group_discard(user_group(self.user.pk), self.channel)
+        except Exception:
+            logger.warning("could not leave the group of user %s; it expires by itself", self.user.pk)
+
+    async def read(self):
+        while True:
             try:
-                html = await render_updates(self.user, pending)
+                message = await self.layer.receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("the live feed of user %s cannot read the channel layer", self.user.pk)
+                await asyncio.sleep(1.0)
+                continue
+            self.inbox.append(message)
+            self.arrived.set()
+
+    async def work(self):
+        while True:
+            await self.arrived.wait()
+            self.arrived.clear()
+            batch, self.inbox = list(self.inbox), deque()
+            try:
+                parts = await self.render(batch)
+            except asyncio.CancelledError:
+                raise
             except Exception:
                 # The page still shows the truth on its next load; a lost push must not stop later ones.
-                logger.exception("could not render task updates for user %s", self.user.pk)
-                html = ""
-            self.last_flush = loop.time()
-            if not html:
+                logger.exception("could not render live updates for user %s", self.user.pk)
                 continue
             for socket in list(self.sockets):
-                if socket not in self.sockets:
-                    continue  # signed out while an earlier window was being sent to
-                try:
-                    await socket.send(text_data=html)
-                except Exception:
-                    logger.warning("could not push task updates to a window of user %s", self.user.pk)
+                if socket.outbox is not None:
+                    socket.outbox.put(parts)
+
+    async def render(self, batch):
+        rows, facts = {}, {}
+        for message in batch:
+            kind, task_id = message.get("type"), message.get("task")
+            if task_id is None:
+                continue
+            if kind == "task.update":
+                entry = rows.setdefault(task_id, {"created": False, "upstream_at": None})
+                entry["created"] = entry["created"] or bool(message.get("created"))
+                if message.get("status") in TERMINAL_STATUSES:
+                    self.remember_ended(task_id)
+            elif kind in (PROGRESS, PREVIEW):
+                if message.get("owner") != self.user.pk:
+                    # The group is the owner's own: a fact for someone else here is a bug, and it is not shown.
+                    logger.error("a live update of task %s reached the feed of user %s", task_id, self.user.pk)
+                    continue
+                facts[(task_id, kind)] = message  # the newest wins
+        parts = await render_updates(self.user, rows) if rows else []
+        for (task_id, kind), fact in facts.items():
+            if task_id not in self.ended:
+                parts.append(((kind, task_id), render_fact(fact)))
+        return parts
+
+    def remember_ended(self, task_id):
+        self.ended[task_id] = None
+        if len(self.ended) > ENDED_REMEMBERED:
+            del self.ended[next(iter(self.ended))]
 
 
 @database_sync_to_async
 def render_updates(user, pending):
-    """Render the rows of `pending` ({task id: {"created", "upstream_at"}}) that belong to `user`, out of band."""
+    """
+    The rows of `pending` ({task id: {"created", "upstream_at"}}) that belong to `user`, rendered out of band, as
+    [(key, html)] parts of a frame, with the user's running count.
+    """
     from tasks.views import row_context
 
     tasks = {str(task.pk): task for task in user_tasks(user).filter(pk__in=list(pending))}
@@ -136,11 +237,13 @@ def render_updates(user, pending):
             continue  # not this user's (never expected: the group is the user's own) or deleted
         context = row_context(task, upstream_at=entry["upstream_at"], oob=not entry["created"])
         row = render_to_string("tasks/task_list.html#task-row", context)
-        parts.append(f'<div hx-swap-oob="afterbegin:#task-list">{row}</div>' if entry["created"] else row)
-    if not parts:
-        return ""
-    parts.append(render_to_string("running_count.html", {"running_count": running_count(user)}))
-    return "\n".join(parts)
+        if entry["created"]:
+            parts.append((("new", task_id), f'<div hx-swap-oob="afterbegin:#task-list">{row}</div>'))
+        else:
+            parts.append((("row", task_id), row))
+    if parts:
+        parts.append((("count",), render_to_string("running_count.html", {"running_count": running_count(user)})))
+    return parts
 
 
 def running_count(user):

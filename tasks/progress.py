@@ -1,7 +1,6 @@
 """The one helper every producer uses to push task facts to the browsers of the task's owner."""
 
 import logging
-import uuid
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -18,12 +17,11 @@ def user_group(user_id):
 
 def task_event(task, *, created=False, upstream_at=None):
     """
-    A fact about a task, small enough for any channel layer: the consumer re-reads the task and renders it.
-    `upstream_at` is when the hub received the earliest upstream progress message folded into this update.
+    A status change of a task, small enough for any channel layer: the user's feed re-reads the task and renders
+    its row. Progress and previews travel as facts of their own (tasks/live.py).
     """
     return {
         "type": "task.update",
-        "id": uuid.uuid4().hex,  # every window of the user gets a copy; the process's feed folds them into one
         "task": str(task.pk),
         "status": task.status,
         "progress": round(task.progress, 4),

@@ -1,12 +1,12 @@
 """
 A browser socket lives only as long as the sign-in that opened it.
 
-Each socket joins, besides the groups it pushes to, the group of its browser session. Logging out sends a close
-to that session's group; a password change (or a deactivated or deleted account) sends one to the user's group,
-since every session of that user is now invalid (AuthMiddlewareStack verifies the session auth hash, so they are
-refused on reconnect). The close travels over the channel layer like every push, so it reaches the sockets held
-by any Daphne process. The session that changed the password got a new auth hash and key from
-update_session_auth_hash: its windows see the close, find themselves still signed in and open a new socket.
+Each socket joins, besides the groups it pushes to, the group of its browser session and of its account. Logging
+out sends a close to that session's group; a password change (or a deactivated or deleted account) sends one to
+the account's group, since every session of that user is now invalid (AuthMiddlewareStack verifies the session
+auth hash, so they are refused on reconnect). The close travels over the channel layer like every push, so it
+reaches the sockets held by any Daphne process. The session that changed the password got a new auth hash and key
+from update_session_auth_hash: its windows see the close, find themselves still signed in and open a new socket.
 """
 
 import hashlib
@@ -23,8 +23,6 @@ from django.db import transaction
 from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
 
-from tasks.progress import user_group
-
 logger = logging.getLogger(__name__)
 
 SIGNED_OUT = 4001  # the close code the page's script recognises (static/comfyhub.js): "check whether you are signed in"
@@ -36,6 +34,11 @@ ENDED_SESSION_SECONDS = 300
 def session_digest(session_key):
     # Group names and cache keys are stored in Redis in clear; a session key is as good as a password.
     return hashlib.sha256(session_key.encode()).hexdigest()[:40]
+
+
+def account_group(user_id):
+    """Every socket of one account, whichever page and process: closed together when the sign-in ends."""
+    return f"account.{user_id}"
 
 
 def session_group(session_key):
@@ -63,7 +66,7 @@ def close_sockets(group, reason):
 
 class SignedInSocket(AsyncWebsocketConsumer):
     """
-    Base of the browser consumers: `join()` the groups to push to and the session's group before accepting,
+    Base of the browser consumers: `join()` the groups to push to, the account's and the session's before accepting,
     `leave()` on disconnect; on `sockets.close` the socket stops pushing (`stop_pushing()`, which must drop
     whatever is pending without sending it) and closes with SIGNED_OUT.
     """
@@ -75,7 +78,8 @@ class SignedInSocket(AsyncWebsocketConsumer):
         """Join `groups` and this session's group; False (and joined nothing) when the sign-in just ended."""
         session = self.scope.get("session")
         session_key = getattr(session, "session_key", None)
-        self.joined = [*groups, *([session_group(session_key)] if session_key else [])]
+        account = [account_group(self.scope["user"].pk)]
+        self.joined = [*groups, *account, *([session_group(session_key)] if session_key else [])]
         for group in self.joined:
             await self.channel_layer.group_add(group, self.channel_name)
         # A close sent between the handshake reading the session and the group_add above was missed: look at
@@ -154,4 +158,4 @@ def close_on_delete(sender, instance, using=None, **kwargs):
 def close_user_sockets(user_id, reason, using):
     # After the commit: a socket reconnecting at once must find the new password hash, and a change rolled back
     # ends nothing.
-    transaction.on_commit(lambda: close_sockets(user_group(user_id), reason), using=using)
+    transaction.on_commit(lambda: close_sockets(account_group(user_id), reason), using=using)

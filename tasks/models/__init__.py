@@ -15,7 +15,7 @@ from tasks.models.task import (
     TaskStatus,
 )
 from tasks.models.tokens import ApiToken, hash_token
-from tasks.models.workflow import Workflow
+from tasks.models.workflow import PreviewMethod, Workflow
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -30,6 +30,7 @@ __all__ = [
     "TaskQuerySet",
     "TaskStatus",
     "Upload",
+    "PreviewMethod",
     "Workflow",
     "affinity_keys",
     "graph_digest",

@@ -66,6 +66,8 @@ class Task(models.Model):
 
     status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
     progress = models.FloatField(default=0.0)
+    # The running node, its step and nodes done, as the live path last wrote them (at most once a second).
+    progress_detail = JSONField(default=dict, blank=True, editable=False)
     # Bound before anything is sent to ComfyUI; never changed while the task is on that server.
     server = models.ForeignKey(Server, null=True, blank=True, on_delete=models.PROTECT, related_name="tasks")
     prompt_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001  (NULL: not bound)
@@ -259,14 +261,19 @@ class Task(models.Model):
             accepted_at=self.accepted_at or timezone.now(),
         )
 
-    def set_progress(self, progress):
-        """A hint only: never 1.0 before completion, never backwards while running."""
+    def set_progress(self, progress, detail=None):
+        """A hint only: never 1.0 before completion, never backwards while running; `detail` for the step line."""
         progress = max(0.0, min(progress, 0.99))
+        fields = {"progress": progress, "last_event_at": timezone.now()}
+        if detail is not None:
+            fields["progress_detail"] = detail
         updated = Task.objects.filter(
-            pk=self.pk, prompt_id=self.prompt_id, status__in=ON_SERVER_STATUSES, progress__lt=progress
-        ).update(progress=progress, last_event_at=timezone.now())
+            pk=self.pk, prompt_id=self.prompt_id, status__in=ON_SERVER_STATUSES, progress__lte=progress
+        ).update(**fields)
         if updated:
             self.progress = progress
+            if detail is not None:
+                self.progress_detail = detail
         return bool(updated)
 
     def mark_succeeded(self, source):

@@ -16,6 +16,7 @@ from servers.aio import db
 from servers.connection import standalone
 from servers.frames import Binary, Message, parse_frame
 from servers.models import Server
+from tasks.live import progress_fact, render_fact
 from tasks.models import Task, TaskStatus
 
 FUZZ = settings(max_examples=300, deadline=None, database=None)
@@ -185,14 +186,14 @@ def _ends_our_task(message):
 
 
 def _flush(conn):
-    """One round of Tracking.flush_progress_loop, without its sleep and its push."""
+    """Write each task's progress now, as the throttled write would, and render the fact its windows would get."""
 
     async def flush():
         for prompt_id, tracker in list(conn.prompts.trackers.items()):
             task = conn.prompts.tasks.get(prompt_id)
-            if tracker.dirty and task is not None and prompt_id not in conn.prompts.finishing:
-                tracker.dirty = False
-                await db(task.set_progress)(tracker.value)
+            if task is not None and prompt_id not in conn.prompts.finishing:
+                await conn.tracking.write(prompt_id)
+                assert len(render_fact(progress_fact(task.pk, task.owner_id, tracker.detail())).encode()) < 2048
 
     return flush()
 
@@ -239,6 +240,7 @@ def test_a_connection_survives_hostile_frames_and_keeps_its_task_running():
                     "a frame that is not terminal finished the task"
                 )
             finally:
+                conn.tracking.close()
                 await conn.client.close()
 
         async_to_sync(feed)()

@@ -152,14 +152,26 @@ async def test_a_password_change_closes_every_socket_of_that_user_only(alice, bo
 
 
 async def test_a_frame_waiting_for_its_push_is_dropped_at_logout(alice, settings):
-    settings.COMFYHUB = {**settings.COMFYHUB, "PUSH_INTERVAL": 1.0}
+    from tasks.consumers import UserFeed
+
     browser = await signed_in(alice)
     socket, _ = await open_socket(browser)
     task = await make_task(alice)
     await aemit_task_update(task)
     [first] = await frames(socket, wait=0.3)
     assert first["type"] == "websocket.send"
-    # The next frame waits for the push interval; the logout comes first, and the frame never goes out.
+    # A client that reads slowly: the next frame takes a second to go out, and one more waits behind it. The logout
+    # comes first, and neither goes out.
+    [window] = UserFeed.feeds[alice.pk].sockets
+    send = window.send
+
+    async def slowly(*args, **kwargs):
+        await asyncio.sleep(1.0)
+        await send(*args, **kwargs)
+
+    window.send = slowly
+    await aemit_task_update(task)
+    await asyncio.sleep(0.05)
     await aemit_task_update(task)
     await asyncio.sleep(0.05)
     await log_out(browser)

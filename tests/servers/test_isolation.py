@@ -200,9 +200,10 @@ def inject(step, monkeypatch, poison):
     elif step == "send":
         monkeypatch.setattr(Sending, "send", raise_for(lambda sending, task, **kw: is_poisoned(task), Sending.send))
     elif step == "message":
-        monkeypatch.setattr(Tracking, "started", raise_for(lambda tracking, task: is_poisoned(task), Tracking.started))
+        poisoned = lambda tracking, task, *_: is_poisoned(task)  # noqa: E731
+        monkeypatch.setattr(Tracking, "started", raise_for(poisoned, Tracking.started))
     elif step == "progress":
-        monkeypatch.setattr(Task, "set_progress", raise_for(lambda task, value: is_poisoned(task), Task.set_progress))
+        monkeypatch.setattr(Task, "set_progress", raise_for(lambda task, *_: is_poisoned(task), Task.set_progress))
     elif step == "reconcile":
         poisoned = lambda client, prompt_id: prompt_id in poison.prompts  # noqa: E731
         monkeypatch.setattr(ComfyClient, "history", raise_for(poisoned, ComfyClient.history))
@@ -274,7 +275,7 @@ def test_a_task_that_raises_in_a_step_can_still_be_cancelled(
     alice_api, workflows, server, simulator, hub, monkeypatch, settings
 ):
     settings.COMFYHUB = {**settings.COMFYHUB, "STEP_FAILURES": 10_000}
-    monkeypatch.setattr(Task, "set_progress", raise_for(lambda task, value: is_poisoned(task), Task.set_progress))
+    monkeypatch.setattr(Task, "set_progress", raise_for(lambda task, *_: is_poisoned(task), Task.set_progress))
     simulator.set_time_scale(1.0)
     ids = submit(alice_api, [POISON], workflow="txt2img", key="seed", steps=60)
     wait_for(

@@ -1,5 +1,6 @@
 """The browser socket /ws/tasks/: who may connect, what each user receives, and how bursts are folded."""
 
+import asyncio
 import time
 
 import pytest
@@ -7,6 +8,7 @@ from asgiref.sync import sync_to_async
 from channels.routing import URLRouter
 from django.contrib.auth.models import AnonymousUser
 
+from tasks.live import apush, progress_detail, progress_fact
 from tasks.models import Task, TaskStatus
 from tasks.progress import aemit_task_update
 from tasks.routing import websocket_urlpatterns
@@ -74,24 +76,82 @@ async def test_a_new_task_is_inserted_at_the_top_of_the_list(alice, workflows, p
     await window.disconnect()
 
 
-async def test_a_burst_of_progress_is_folded_into_few_frames(alice, workflows, push_fast):
+def live_fact(task, owner, step, steps=20, **extra):
+    detail = progress_detail(
+        value=step / steps * 0.9, node="3", title="KSampler", step=[step, steps], done=2, total=5,
+        started=time.time() - 4, eta_at=time.time() + 6,
+    )  # fmt: skip
+    return progress_fact(task.pk, owner.pk, detail, upstream_at=1000.0 + step, **extra)
+
+
+async def test_a_progress_fact_reaches_every_window_of_its_owner_and_no_one_else(alice, bob, workflows, monkeypatch):
+    from tasks import consumers
+
+    async def no_rows(user, pending):
+        raise AssertionError("a progress fact must not re-read or re-render the row")
+
+    monkeypatch.setattr(consumers, "render_updates", no_rows)
+    alices = [(await connect(alice))[0] for _ in range(3)]
+    bobs, _ = await connect(bob)
+    task = await make_task(alice, workflows["txt2img"], status=TaskStatus.RUNNING, progress=0.1)
+    await apush(alice.pk, live_fact(task, alice, 12))
+    for window in alices:
+        [frame] = await frames(window)
+        assert f'id="task-{task.pk}-live"' in frame and 'hx-swap-oob="true"' in frame
+        assert "<article" not in frame  # a fragment, not the row
+        assert 'value="54"' in frame and "step 12/20" in frame and "KSampler" in frame
+        assert "2 of 5 nodes done" in frame and "left" in frame
+        assert len(frame.encode()) < 1024
+    assert await frames(bobs) == []
+    for window in [*alices, bobs]:
+        await window.disconnect()
+
+
+async def test_a_fact_that_names_another_owner_is_not_shown(alice, bob, workflows):
     window, _ = await connect(alice)
-    tasks = [await make_task(alice, workflows["fast"], status=TaskStatus.RUNNING, progress=0.8) for _ in range(5)]
-    started = time.monotonic()
-    for step in range(1, 41):
-        for task in tasks:
-            await aemit_task_update(task, upstream_at=1000.0 + step)
-    took = time.monotonic() - started
-    received = await frames(window)
-    # 200 updates: at most one frame per push interval (0.1 s) while they arrive, never one per update.
-    assert 1 <= len(received) <= took / 0.1 + 3, (len(received), took)
-    assert len(received) < 40
-    # Every task reaches the window; a frame carries the tasks that changed since the one before it.
-    for task in tasks:
-        assert any(f'id="task-{task.pk}"' in frame for frame in received), task.pk
-    assert 'value="80"' in received[-1]
-    # The first frame names the earliest upstream message it folded in.
-    assert 'data-upstream-at="1001.000000"' in received[0]
+    task = await make_task(bob, workflows["txt2img"], status=TaskStatus.RUNNING)
+    await apush(alice.pk, live_fact(task, bob, 3))  # sent to alice's group by mistake: the feed checks the owner
+    assert await frames(window) == []
+    await window.disconnect()
+
+
+async def test_a_window_that_reads_slowly_gets_the_newest_state_not_a_backlog(alice, workflows):
+    from tasks.consumers import UserFeed
+
+    first, _ = await connect(alice)
+    second, _ = await connect(alice)
+    slow, quick = list(UserFeed.feeds[alice.pk].sockets)
+    send = slow.send
+
+    async def slowly(*args, **kwargs):
+        await asyncio.sleep(0.05)  # a client that reads slowly: each frame takes 50 ms to go out
+        await send(*args, **kwargs)
+
+    slow.send = slowly
+    task = await make_task(alice, workflows["txt2img"], status=TaskStatus.RUNNING)
+    for step in range(1, 301):
+        await apush(alice.pk, live_fact(task, alice, step, steps=300))
+        if step % 10 == 0:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    counts = []
+    for window in (first, second):
+        received = await frames(window)
+        assert received and "step 300/300" in received[-1]  # both end with the newest state
+        counts.append(len(received))
+        await window.disconnect()
+    # The slow window got a few frames with the newest state each, not 300 to replay; the other one was not held up.
+    assert min(counts) < 30 and max(counts) > 2 * min(counts), counts
+
+
+async def test_no_fact_draws_over_a_finished_row(alice, workflows):
+    window, _ = await connect(alice)
+    task = await make_task(alice, workflows["fast"], status=TaskStatus.SUCCEEDED, progress=1.0)
+    await aemit_task_update(task)
+    [row] = await frames(window)
+    assert 'data-status="succeeded"' in row
+    await apush(alice.pk, live_fact(task, alice, 5))  # late: pushed before the end, delivered after it
+    assert await frames(window) == []
     await window.disconnect()
 
 
@@ -123,7 +183,7 @@ async def test_windows_of_one_user_share_one_render(alice, workflows, push_fast,
     for window in windows:
         [frame] = await frames(window, wait=0.3)
         assert f'id="task-{task.pk}"' in frame
-    assert len(renders) == 1, renders
+    assert len(renders) == 1, renders  # one subscription and one render for the ten windows
     # A window that closes leaves the others live.
     await windows.pop().disconnect()
     await aemit_task_update(task)
