@@ -5,6 +5,7 @@ import asyncio
 import logging
 import signal
 
+from comfysim.protocol import PREVIEW_METHODS
 from comfysim.server import Simulator
 
 
@@ -33,6 +34,12 @@ def add_arguments(parser):
         "--output-dir", default=None, help="Folder for input/, output/ and temp/ (default: a temporary folder)"
     )
     parser.add_argument("--name", default="sim", help="Name shown in logs and in /system_stats")
+    parser.add_argument(
+        "--preview-method",
+        choices=PREVIEW_METHODS,
+        default="none",
+        help="As ComfyUI's flag: how KSampler draws sampler previews (none: no previews)",
+    )
 
 
 def check(port, time_scale):
@@ -68,7 +75,9 @@ def main(argv=None):
     if problem:
         parser().error(problem)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    simulator = Simulator(time_scale=args.time_scale, output_dir=args.output_dir, name=args.name)
+    simulator = Simulator(
+        time_scale=args.time_scale, output_dir=args.output_dir, name=args.name, preview_method=args.preview_method
+    )
     try:
         asyncio.run(serve(simulator, args.host, args.port))
     except ListenError as exc:

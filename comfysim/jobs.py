@@ -34,6 +34,7 @@ class NodeRun:
         self.folders = job.sim.folders
         self.prompt = job.prompt
         self.extra_data = job.extra_data
+        self.preview_method = job.preview_method
 
     async def spend(self, seconds: float) -> None:
         await self.job.sim._spend(seconds)
@@ -56,6 +57,7 @@ class Job:
         self.extra_data: dict = item[3]
         self.outputs_to_execute: list[str] = item[4]
         self.client_id = self.extra_data.get("client_id")
+        self.preview_method = sim._preview_method(self.extra_data)
         self.status_messages: list = []
         self.executed: list[str] = []
         self.progress_nodes: dict[str, dict] = {}

@@ -83,6 +83,7 @@ class NodeContext(Protocol):
     folders: Folders
     prompt: dict
     extra_data: dict
+    preview_method: str  # how sampler previews are drawn: "none" sends none
 
     async def spend(self, seconds: float) -> None:
         """Simulated work: sleep `seconds` times the time scale (stalls and restarts apply)."""
@@ -612,8 +613,24 @@ class KSampler(Node):
         area = latent_image["width"] * latent_image["height"] * latent_image["batch_size"]
         for step in range(1, steps + 1):
             await ctx.spend(STEP_SECONDS * max(area / _SD_AREA, 0.25))
-            await ctx.progress(step, steps)
+            preview = None
+            if ctx.preview_method != "none":
+                preview = await ctx.compute(sampler_preview, latent_image, seed, step, steps, ctx.preview_method)
+            await ctx.progress(step, steps, preview)
         return ({**latent_image, "seed": seed, "text": positive["text"]},), None
+
+
+def sampler_preview(latent: dict, seed: int, step: int, steps: int, method: str) -> bytes:
+    """A PNG of the picture forming: latent size (latent2rgb, auto), or full size (taesd)."""
+    scale = 1 if method == "taesd" else 8
+    size = (max(latent["width"] // scale, 8), max(latent["height"] // scale, 8))
+    rng = random.Random(seed)  # noqa: S311 - a reproducible picture, nothing secret
+    color = tuple(int(rng.randrange(256) * step / steps) for _ in range(3))
+    picture = Image.new("RGB", size, color)
+    ImageDraw.Draw(picture).rectangle((0, 0, size[0] * step // steps, size[1] // 4), fill=(255, 255, 255))
+    out = io.BytesIO()
+    picture.save(out, "PNG", compress_level=1)
+    return out.getvalue()
 
 
 class VAEDecode(Node):

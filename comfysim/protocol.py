@@ -6,6 +6,8 @@ import ipaddress
 import time
 
 COMFYUI_VERSION = "0.3.64"
+# --preview-method: none draws no sampler previews (ComfyUI's default); taesd draws them at full size.
+PREVIEW_METHODS = ("none", "auto", "latent2rgb", "taesd")
 MAX_UPLOAD_SIZE = 100 * 1024 * 1024
 SERVER_FEATURES = {"supports_preview_metadata": True, "max_upload_size": MAX_UPLOAD_SIZE}
 MAXIMUM_HISTORY_SIZE = 10000
@@ -23,6 +25,15 @@ SERVER_ERROR_TEXT = "500 Internal Server Error\n\nServer got itself in trouble"
 # A stalled or slowed node sleeps in slices of at most this many real seconds, so that stall() and
 # set_time_scale() take effect within that time even in the middle of a long node.
 SLICE_SECONDS = 0.1
+
+
+def version_at_least(version: str, minimum: tuple[int, ...]) -> bool:
+    """Whether a version string such as "0.5.1" is at least `minimum`, e.g. (0, 5)."""
+    try:
+        parts = tuple(int(part) for part in version.lstrip("v").split(".")[: len(minimum)])
+    except ValueError:
+        return False
+    return parts >= minimum
 
 
 def now_ms() -> int:

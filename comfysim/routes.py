@@ -17,7 +17,6 @@ from PIL import Image
 
 from comfysim.nodes import CHECKPOINTS, NODE_CLASSES, is_image_file, validate_prompt
 from comfysim.protocol import (
-    COMFYUI_VERSION,
     MAX_UPLOAD_SIZE,
     MODEL_FOLDERS,
     SENSITIVE_EXTRA_DATA_KEYS,
@@ -77,7 +76,7 @@ class HttpRoutes:
         return web.Response(status=500, text=SERVER_ERROR_TEXT)
 
     async def _index(self, request: web.Request) -> web.Response:
-        body = f"<!doctype html><title>ComfyUI simulator {self.name}</title><p>ComfyUI {COMFYUI_VERSION} simulator"
+        body = f"<!doctype html><title>ComfyUI simulator {self.name}</title><p>ComfyUI {self.comfyui_version} simulator"
         return web.Response(text=body, content_type="text/html")
 
     async def _get_prompt(self, request: web.Request) -> web.Response:
@@ -228,7 +227,7 @@ class HttpRoutes:
             "os": sys.platform,
             "ram_total": ram_total,
             "ram_free": ram_free,
-            "comfyui_version": COMFYUI_VERSION,
+            "comfyui_version": self.comfyui_version,
             "required_frontend_version": "1.27.10",
             "python_version": sys.version,
             "pytorch_version": "2.8.0+cpu",

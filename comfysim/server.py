@@ -38,7 +38,14 @@ from aiohttp import WSMsgType, web
 from comfysim.faults import Faults
 from comfysim.jobs import Job
 from comfysim.nodes import Folders, Interrupted, OutputCache
-from comfysim.protocol import MAXIMUM_HISTORY_SIZE, SERVER_FEATURES, SLICE_SECONDS
+from comfysim.protocol import (
+    COMFYUI_VERSION,
+    MAXIMUM_HISTORY_SIZE,
+    PREVIEW_METHODS,
+    SERVER_FEATURES,
+    SLICE_SECONDS,
+    version_at_least,
+)
 from comfysim.routes import HttpRoutes
 
 logger = logging.getLogger(__name__)
@@ -60,6 +67,10 @@ class Simulator(Faults, HttpRoutes):
     temp/; None means a fresh temporary folder, removed by stop(). `url` and `port` are set once started.
     executed_prompt_ids (every job started, in order, repeats kept) and busy_seconds (time spent running
     jobs) are statistics for tests and benchmarks; they survive restart().
+
+    comfyui_version is what /system_stats reports. preview_method is ComfyUI's --preview-method flag (none,
+    auto, latent2rgb, taesd): whether KSampler sends sampler previews as binary frames. A version 0.5 or later
+    lets a prompt's extra_data.preview_method override it, as ComfyUI does.
     """
 
     def __init__(
@@ -69,12 +80,18 @@ class Simulator(Faults, HttpRoutes):
         output_dir: str | Path | None = None,
         name: str = "sim",
         faithful_socket_bug: bool = True,
+        comfyui_version: str = COMFYUI_VERSION,
+        preview_method: str = "none",
     ):
         if time_scale < 0:
             raise ValueError("time_scale must be >= 0")
         self.time_scale = float(time_scale)
         self.name = name
         self.faithful_socket_bug = faithful_socket_bug
+        if preview_method not in PREVIEW_METHODS:
+            raise ValueError(f"preview_method must be one of {', '.join(PREVIEW_METHODS)}")
+        self.comfyui_version = comfyui_version
+        self.preview_method = preview_method
         self._owns_root = output_dir is None
         self._root = Path(output_dir).resolve() if output_dir is not None else None
         self.folders: Folders | None = None
@@ -270,6 +287,13 @@ class Simulator(Faults, HttpRoutes):
 
     def _emit_binary(self, frame: bytes, sid: str | None) -> None:
         self._outbox.put_nowait((frame, sid))
+
+    def _preview_method(self, extra_data: dict) -> str:
+        """How a job draws sampler previews: the server's flag, or (0.5 and later) what its prompt asks."""
+        asked = extra_data.get("preview_method")
+        if asked in PREVIEW_METHODS and version_at_least(self.comfyui_version, (0, 5)):
+            return asked
+        return self.preview_method
 
     def _supports_preview_metadata(self, sid: str | None) -> bool:
         sock = self._sockets.get(sid) if sid is not None else None

@@ -19,11 +19,11 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         add_arguments(parser)
 
-    def handle(self, *, port, host, time_scale, output_dir, name, **options):
+    def handle(self, *, port, host, time_scale, output_dir, name, preview_method="none", **options):
         problem = check(port, time_scale)
         if problem:
             raise CommandError(problem)
-        simulator = Simulator(time_scale=time_scale, output_dir=output_dir, name=name)
+        simulator = Simulator(time_scale=time_scale, output_dir=output_dir, name=name, preview_method=preview_method)
         asyncio.run(self.serve(simulator, host, port))
 
     async def serve(self, simulator, host, port, stop=None):

@@ -78,7 +78,10 @@ class Command(BaseCommand):
         simulators = []
         for index in (1, 2):
             output = settings.BASE_DIR / "var" / f"simulator-{index}"
-            simulator = SimulatorThread(time_scale=time_scale, output_dir=output, name=f"sim-{index}").start()
+            # A demo shows the picture forming, as a ComfyUI started with --preview-method auto does.
+            simulator = SimulatorThread(
+                time_scale=time_scale, output_dir=output, name=f"sim-{index}", preview_method="auto"
+            ).start()
             simulators.append(simulator)
             call_command("add_server", f"sim-{index}", simulator.url, verbosity=0, stdout=self.stdout)
         for workflow in load_demo_workflows():
