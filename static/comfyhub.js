@@ -55,6 +55,15 @@
     document.querySelectorAll("time.elapsed[data-start]:not([data-end])").forEach(function (el) {
       el.textContent = formatDuration(now - parseFloat(el.dataset.start));
     });
+    // The ETA of a running task counts down between two pushes; past it, the task is late, not "0s left".
+    document.querySelectorAll("time.countdown[data-end]").forEach(function (el) {
+      var left = parseFloat(el.dataset.end) - now;
+      if (left >= 1) {
+        el.textContent = formatDuration(left);
+      } else if (el.parentNode) {
+        el.parentNode.textContent = "taking longer than usual";
+      }
+    });
   }
 
   function catchUp() {
