@@ -14,13 +14,17 @@ from tasks.sockets import SignedInSocket
 
 logger = logging.getLogger(__name__)
 
-# Seconds between frames to one dashboard. Every progress message of every task is an ops.update; nobody reads
-# a pool faster than this, and each frame costs a few aggregate queries.
+# Seconds between frames to one dashboard: nobody reads a pool faster than this, and each frame costs a few
+# aggregate queries.
 PUSH_INTERVAL = 1.0
+# Status changes arrive as ops.update; progress does not (it travels to its owner only, on the live path), so an
+# open dashboard reads the pool again this often to keep its progress bars moving.
+REFRESH_SECONDS = 2.0
 
 
 class OpsConsumer(SignedInSocket):
     flusher = None
+    refresher = None
 
     async def connect(self):
         user = self.scope.get("user")
@@ -37,6 +41,12 @@ class OpsConsumer(SignedInSocket):
         await self.accept()
         # The page may be older than this socket (a reconnect after a restart): send the pool as it is now.
         self.mark_dirty()
+        self.refresher = asyncio.create_task(self.refresh())
+
+    async def refresh(self):
+        while True:
+            await asyncio.sleep(REFRESH_SECONDS)
+            self.mark_dirty()
 
     async def disconnect(self, code):
         self.stop_pushing()
@@ -53,6 +63,8 @@ class OpsConsumer(SignedInSocket):
         self.dirty_since = None
         if self.flusher is not None:
             self.flusher.cancel()  # a frame being rendered is dropped with it
+        if self.refresher is not None and self.refresher is not asyncio.current_task():
+            self.refresher.cancel()
 
     def mark_dirty(self):
         if self.signed_out:

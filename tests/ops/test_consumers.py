@@ -127,3 +127,20 @@ async def test_the_hub_serves_the_ops_socket_to_a_staff_session(operator):
     [frame] = await frames(socket, wait=0.3)
     assert 'id="ops-body"' in frame
     await socket.disconnect()
+
+
+async def test_an_open_dashboard_follows_progress_without_a_status_change(operator, alice, workflows, monkeypatch):
+    # Progress travels to its owner only; the dashboard reads the pool again on its own to keep the bars moving.
+    monkeypatch.setattr(consumers, "PUSH_INTERVAL", 0.05)
+    monkeypatch.setattr(consumers, "REFRESH_SECONDS", 0.2)
+    gpu = await sync_to_async(make_server)("gpu-a")
+    task = await sync_to_async(make_task)(
+        alice, workflows["txt2img"], gpu, status=TaskStatus.RUNNING, progress=0.10, created=5, started=2
+    )
+    socket, _ = await connect(operator)
+    [first] = await frames(socket, wait=0.1)
+    assert 'value="10"' in first
+    await sync_to_async(type(task).objects.filter(pk=task.pk).update)(progress=0.64)  # the once-a-second write
+    later = await frames(socket, wait=0.6)
+    assert later and 'value="64"' in later[-1]
+    await socket.disconnect()
