@@ -86,7 +86,7 @@ class Connection:
     async def stop(self):
         self.link.stopping = True
         await cancel_and_wait([self._runner, *self.background.tasks])
-        self.tracking.close()
+        self.prompts.close()
         await self.client.close()
 
     async def holds_lease(self, margin=0.0):

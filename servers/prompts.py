@@ -39,6 +39,11 @@ class Prompts:
             seen.clear()
         seen[prompt_id] = time.monotonic()
 
+    def close(self):
+        """Stop every pending push and write (the connection stops)."""
+        for pending in [*self.trackers.values(), *self.previews.values()]:
+            pending.close()
+
     def forget(self, prompt_id):
         self.own.discard(prompt_id)
         self.adopted.discard(prompt_id)

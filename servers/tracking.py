@@ -261,7 +261,3 @@ class Tracking:
             self.prompts.ws_images.setdefault(prompt_id, []).append((node_id, frame.image_type, frame.image))
         else:
             self.preview(task, node_id, frame)
-
-    def close(self):
-        for tracker in self.prompts.trackers.values():
-            tracker.close()

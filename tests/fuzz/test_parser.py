@@ -240,7 +240,7 @@ def test_a_connection_survives_hostile_frames_and_keeps_its_task_running():
                     "a frame that is not terminal finished the task"
                 )
             finally:
-                conn.tracking.close()
+                conn.prompts.close()
                 await conn.client.close()
 
         async_to_sync(feed)()
