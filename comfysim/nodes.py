@@ -620,13 +620,19 @@ class KSampler(Node):
         return ({**latent_image, "seed": seed, "text": positive["text"]},), None
 
 
+def preview_color(seed: int) -> tuple[int, int, int]:
+    rng = random.Random(seed)  # noqa: S311 - a reproducible picture, nothing secret
+    return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+
+
 def sampler_preview(latent: dict, seed: int, step: int, steps: int, method: str) -> bytes:
-    """A PNG of the picture forming: latent size (latent2rgb, auto), or full size (taesd)."""
+    """
+    A PNG of the picture forming: latent size (latent2rgb, auto), or full size (taesd). Its colour is the seed's
+    (`preview_color`), so that whose preview a picture is can be told; a white bar across the top grows with the steps.
+    """
     scale = 1 if method == "taesd" else 8
     size = (max(latent["width"] // scale, 8), max(latent["height"] // scale, 8))
-    rng = random.Random(seed)  # noqa: S311 - a reproducible picture, nothing secret
-    color = tuple(int(rng.randrange(256) * step / steps) for _ in range(3))
-    picture = Image.new("RGB", size, color)
+    picture = Image.new("RGB", size, preview_color(seed))
     ImageDraw.Draw(picture).rectangle((0, 0, size[0] * step // steps, size[1] // 4), fill=(255, 255, 255))
     out = io.BytesIO()
     picture.save(out, "PNG", compress_level=1)
