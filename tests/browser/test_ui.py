@@ -87,8 +87,20 @@ def test_submit_watch_progress_and_open_the_result(alice, hub, alice_api, screen
     page.wait_for_selector(LIVE, state="attached")
     page.evaluate("window.__sameDocument = true")
     expect(row(page, task_id)).to_be_visible()
+    # While it runs: the sampler's step in the row's line of text, and the picture forming beside it.
+    expect(row(page, task_id).locator(".task__step")).to_contain_text(re.compile(r"step \d+/20"))
+    expect(row(page, task_id).locator(".task__step .node")).to_have_text("KSampler")
+    preview = row(page, task_id).locator("img.task__preview[src^='data:image/webp;base64,']")
+    expect(preview).to_be_visible()
+    # A picture the browser can draw, at most 256 px wide (polled: each new preview replaces the element).
+    page.wait_for_function(
+        """(id) => { const img = document.querySelector(`#task-${id} img.task__preview`);
+                     return img && img.complete && img.naturalWidth > 0 && img.naturalWidth <= 256; }""",
+        arg=task_id,
+    )
     expect_succeeded(page, task_id)
     assert same_document(page), "the detail page reloaded"
+    expect(row(page, task_id).locator("img.task__preview")).to_have_count(0)  # a finished row shows its result
 
     records = history(page, task_id)
     check_progress_values(records)
