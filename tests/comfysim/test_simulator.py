@@ -868,6 +868,40 @@ async def test_txt2img_reports_every_sampler_step_and_writes_a_512_png(sim, http
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("version", "flag", "asked", "size"),
+    [
+        ("0.3.64", "none", None, None),  # ComfyUI's default: no previews
+        ("0.3.64", "auto", None, (64, 64)),  # latent size
+        ("0.3.64", "taesd", None, (512, 512)),
+        ("0.3.64", "none", "taesd", None),  # 0.3 does not read extra_data.preview_method
+        ("0.5.1", "none", "taesd", (512, 512)),
+        ("0.5.1", "auto", "none", None),
+    ],
+)
+async def test_ksampler_sends_previews_as_the_flag_or_the_prompt_says(tmp_path, version, flag, asked, size):
+    sim = Simulator(time_scale=0, output_dir=tmp_path, comfyui_version=version, preview_method=flag)
+    await sim.start()
+    try:
+        async with httpx.AsyncClient(base_url=sim.url, timeout=5) as http, socket(sim, "alice") as ws:
+            assert (await http.get("/system_stats")).json()["system"]["comfyui_version"] == version
+            extra = {"extra_data": {"preview_method": asked}} if asked else {}
+            prompt_id = await submit(http, txt2img_graph(steps=5), client_id="alice", **extra)
+            frames = await until_end(ws, prompt_id)
+    finally:
+        await sim.stop()
+    previews = [frame for frame in frames if isinstance(frame, bytes)]
+    if size is None:
+        assert previews == []
+        return
+    assert len(previews) == 5  # one per step, each right after its progress message
+    for frame in previews:
+        assert struct.unpack(">II", frame[:8]) == (1, 2)
+        with Image.open(io.BytesIO(frame[8:])) as png:
+            assert png.size == size and png.format == "PNG"
+
+
+@pytest.mark.asyncio
 async def test_txt2img_duration_follows_the_time_scale(sim, http):
     sim.set_time_scale(0.01)
     started = asyncio.get_running_loop().time()
