@@ -66,16 +66,33 @@
     });
   }
 
+  // A push that arrives while the page is being read again may be older than what the read brings (then the
+  // read wins) or newer (a task created meanwhile would vanish with the list it was inserted in): read again
+  // until no push came in between.
+  var catchingUp = false;
+  var pushedMeanwhile = false;
+
   function catchUp() {
     // Pushes sent before this socket was open (or while it was down) are not replayed: read the live parts
     // of the page again from the database. Forms are left alone so that nothing typed is lost.
+    if (catchingUp) {
+      pushedMeanwhile = true;
+      return;
+    }
+    catchingUp = true;
+    pushedMeanwhile = false;
+    var reads = [];
     var list = document.getElementById("task-list");
     if (list) {
-      htmx.ajax("GET", window.location.href, {target: "#task-list", select: "#task-list", swap: "outerHTML"});
+      reads.push(htmx.ajax("GET", window.location.href, {target: "#task-list", select: "#task-list", swap: "outerHTML"}));
     }
     document.querySelectorAll(".task[id^='task-']").forEach(function (row) {
       if (list && list.contains(row)) return;
-      htmx.ajax("GET", "/tasks/" + row.id.slice(5) + "/row", {target: "#" + row.id, swap: "outerHTML"});
+      reads.push(htmx.ajax("GET", "/tasks/" + row.id.slice(5) + "/row", {target: "#" + row.id, swap: "outerHTML"}));
+    });
+    Promise.all(reads).catch(function () {}).then(function () {
+      catchingUp = false;
+      if (pushedMeanwhile) catchUp();
     });
   }
 
@@ -132,6 +149,7 @@
   });
   document.addEventListener("htmx:wsClose", function () { setLive(false); });
   document.addEventListener("htmx:wsAfterMessage", function () {
+    if (catchingUp) pushedMeanwhile = true;
     dedupeRows();
     updateTitle();
     refreshDetail();
