@@ -20,7 +20,8 @@ CONFIGS = {
 class Command(BaseCommand):
     help = (
         "Every benchmark in one run, for SQLite + the in-memory layer and for PostgreSQL + Redis: the engine "
-        "(submit latency, throughput), load (8 simulators, 1,000 browser sockets, memory with 10,000 queued tasks) "
+        "(submit latency, throughput), the live path (20 tasks running, 1,000 browser sockets; progress and preview "
+        "latency, frame sizes, event-loop lag, per-task counts) "
         "and the heterogeneous pool against a naive policy. Each starts its own simulators and hub on a throw-away "
         "database. --quick runs smaller sizes."
     )
@@ -34,7 +35,7 @@ class Command(BaseCommand):
         CONFIGS["PostgreSQL + Redis"] = {"DATABASE_URL": postgres, "REDIS_URL": redis}
         runs = [
             ("engine", ["bench_engine", *(["--samples", "20", "--tasks", "100"] if quick else [])]),
-            ("load", ["bench_sockets", *(["--users", "20", "--tasks", "40", "--queued", "2000"] if quick else [])]),
+            ("live", ["bench_sockets", *(["--quick"] if quick else [])]),
             ("pool", ["bench_pool", *(["--tasks", "80", "--batch", "40", "--unit", "0.5"] if quick else [])]),
         ]
         started = time.monotonic()

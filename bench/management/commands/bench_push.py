@@ -1,4 +1,3 @@
-import logging
 import os
 import statistics
 import subprocess
@@ -12,14 +11,15 @@ import httpx
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from bench.simulators import SimulatorProcesses
 from comfyhub.harness import free_port, percentile, stop, wait_until
-from comfysim import SimulatorThread
 
 USERNAME, PASSWORD = "bench", "bench-pass-123"
 TERMINAL = ("succeeded", "failed", "cancelled")
 
-# Runs in the page before its own scripts: for every task row that the DOM shows with a data-upstream-at it had
-# not shown before (a row swapped in, or the attribute changed), note now - data-upstream-at, in seconds.
+# Runs in the page before its own scripts: for every element of a task (its progress part `task-<id>-live`, its
+# preview image `task-<id>-preview`, or a whole row `task-<id>`) that the DOM shows with a data-upstream-at it had
+# not shown before (swapped in, or the attribute changed), note [kind, now - data-upstream-at in seconds].
 RECORDER = """
 (() => {
   window.__latencies = [];
@@ -33,7 +33,8 @@ RECORDER = """
       const key = row.id + ' ' + row.getAttribute('data-upstream-at');
       if (!Number.isFinite(at) || seen.has(key)) continue;
       seen.add(key);
-      window.__latencies.push(Date.now() / 1000 - at);
+      const kind = row.id.endsWith('-preview') ? 'preview' : row.id.endsWith('-live') ? 'progress' : 'row';
+      window.__latencies.push([kind, Date.now() / 1000 - at]);
     }
   };
   const start = () => {
@@ -76,12 +77,12 @@ while Server.objects.filter(state="online").count() < {count}:
 class Command(BaseCommand):
     help = (
         "Measure live push latency in the browser, on a throw-away hub: starts --servers simulated ComfyUI "
-        "servers in this process, a fresh SQLite database and media folder in a temporary directory, and "
+        "servers in processes of their own, a fresh SQLite database and media folder in a temporary directory, and "
         "`manage.py serve` (Daphne with the supervisor inside, in-memory channel layer) as a subprocess; opens "
         "/tasks/ in headless Chromium (Playwright, /usr/bin/chromium or $CHROMIUM) as a fresh user, then submits "
         "--tasks txt2img tasks through the API, each long enough that they all run at once, one per simulator. "
-        "A MutationObserver in the page records, for every row update that carries data-upstream-at (when the hub "
-        "received the earliest upstream progress message folded into that push), the time until the browser "
+        "A MutationObserver in the page records, for every progress part, preview image or row that carries "
+        "data-upstream-at (when the hub received the upstream message behind that push), the time until the browser "
         "showed it. Prints the number of samples, median/p90/p99/max latency in ms, websocket frames received and "
         "frames per second, the largest number of tasks the API reported running at once and how the tasks were "
         "spread over the servers (each server takes one task at a time; the hub's per-user in-flight cap is raised "
@@ -97,10 +98,13 @@ class Command(BaseCommand):
         )
         parser.add_argument("--time-scale", type=float, default=1.0, help="Simulator node duration factor (default 1)")
         parser.add_argument(
+            "--preview-method", default="taesd", help="The simulators' --preview-method (default taesd: full size)"
+        )
+        parser.add_argument(
             "--keep-log", action="store_true", help="Print the hub's log at the end (for debugging the bench)"
         )
 
-    def handle(self, tasks, servers, steps, time_scale, keep_log, **options):
+    def handle(self, tasks, servers, steps, time_scale, preview_method, keep_log, **options):
         if tasks < 1 or servers < 1:
             raise CommandError("--tasks and --servers must be at least 1.")
         if not 1 <= steps <= 100:
@@ -118,17 +122,17 @@ class Command(BaseCommand):
                 # One user submits everything: lift the per-user in-flight cap so that all tasks run at once.
                 "COMFYHUB_USER_MAX_IN_FLIGHT": str(max(tasks, 16)),
             }
-            simulators, hub, log = [], None, None
-            logging.getLogger("comfysim").setLevel(logging.WARNING)  # 2 lines per simulator otherwise
+            simulators, hub, log = None, None, None
             try:
-                self.stdout.write(f"starting {servers} simulators (time scale {time_scale})")
-                for n in range(1, servers + 1):
-                    simulator = SimulatorThread(
-                        time_scale=time_scale, output_dir=self.tmp / f"sim-{n}", name=f"bench-{n}"
-                    )
-                    simulators.append(simulator.start())
+                self.stdout.write(
+                    f"starting {servers} simulators in processes of their own (time scale {time_scale}, "
+                    f"previews {preview_method})"
+                )
+                simulators = SimulatorProcesses(
+                    servers, time_scale=time_scale, preview_method=preview_method, cwd=settings.BASE_DIR
+                )
                 self.manage("migrate", "--verbosity", "0")
-                pool = [(f"bench-{n}", sim.url) for n, sim in enumerate(simulators, 1)]
+                pool = [(f"bench-{n}", url) for n, url in enumerate(simulators.urls, 1)]
                 self.manage("shell", "-c", SETUP.format(servers=pool, username=USERNAME, password=PASSWORD))
                 token = self.manage("create_token", USERNAME).strip()
                 port = free_port()
@@ -153,8 +157,8 @@ class Command(BaseCommand):
             finally:
                 if hub is not None:
                     stop(hub)
-                for simulator in simulators:
-                    simulator.stop()
+                if simulators is not None:
+                    simulators.stop()
                 if log is not None:
                     log.close()
                     if keep_log:
@@ -219,7 +223,7 @@ class Command(BaseCommand):
                 raise CommandError(f"the tasks did not finish in time: {statuses}")
             elapsed = time.monotonic() - started
             page.wait_for_timeout(1000)  # the last pushes
-            latencies = [s * 1000 for s in page.evaluate("window.__latencies")]
+            recorded = page.evaluate("window.__latencies")
         finally:
             browser.close()
 
@@ -232,15 +236,19 @@ class Command(BaseCommand):
         self.stdout.write(
             f"placement: {len(per_server)} servers used, at most {max(per_server.values(), default=0)} tasks on one"
         )
-        if latencies:
-            latencies.sort()
-            self.stdout.write(
-                f"upstream progress -> browser DOM, {len(latencies)} samples: "
-                f"median {statistics.median(latencies):.1f} ms, p90 {percentile(latencies, 90):.1f} ms, "
-                f"p99 {percentile(latencies, 99):.1f} ms, max {latencies[-1]:.1f} ms"
-            )
-        else:
-            self.stdout.write("no samples: no row with data-upstream-at was ever rendered in the page")
+        for kind, what in (("progress", "upstream progress -> progress bar in the DOM"),
+                           ("preview", "preview from the server -> image in the DOM"),
+                           ("row", "upstream progress -> whole row in the DOM")):
+            latencies = sorted(seconds * 1000 for k, seconds in recorded if k == kind)
+            if latencies:
+                self.stdout.write(
+                    f"{what}, {len(latencies)} samples: "
+                    f"median {statistics.median(latencies):.1f} ms, p90 {percentile(latencies, 90):.1f} ms, "
+                    f"p99 {percentile(latencies, 99):.1f} ms, max {latencies[-1]:.1f} ms"
+                    + (f", {len(latencies) / count / elapsed:.2f} a second a task" if kind == "preview" else "")
+                )
+        if not recorded:
+            self.stdout.write("no samples: nothing with data-upstream-at was ever rendered in the page")
         received = frames[frames_before:]
         self.stdout.write(
             f"websocket frames received from the first submission to the last task's end: {len(received)} "

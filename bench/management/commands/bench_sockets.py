@@ -1,7 +1,7 @@
 import asyncio
 import json
 import os
-import re
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -12,14 +12,14 @@ import httpx
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
-from websockets.asyncio.client import connect
 
-from comfyhub.harness import database_url, free_port, healthy, percentile, start_manage, stop, wait_until
-from comfysim import SimulatorThread
+from bench import live_load
+from bench.live_report import report, table
+from bench.simulators import SimulatorProcesses
+from comfyhub.harness import database_url, free_port, healthy, stop, wait_until
 
 ROOT = Path(settings.BASE_DIR)
-INPUTS = {"prompt": "load", "steps": 40, "width": 64, "height": 64}  # about 1 s on a simulator at scale 0.5
-UPSTREAM_AT = re.compile(r'id="task-([0-9a-f-]+)"[^>]*data-upstream-at="([0-9.]+)"')
+TERMINAL = ("succeeded", "failed", "cancelled")
 
 SETUP = """
 import json
@@ -28,7 +28,7 @@ from django.contrib.sessions.backends.db import SessionStore
 from django.core.management import call_command
 from tasks.models import ApiToken
 for name, url in {servers!r}:
-    call_command("add_server", name, url, verbosity=0)
+    call_command("add_server", name, url, max_in_flight=1, verbosity=0)
 call_command("load_workflow", demo=True, verbosity=0)
 users = []
 for n in range({users}):
@@ -41,75 +41,260 @@ for n in range({users}):
 print(json.dumps(users))
 """
 
-STATS = """
-import json, statistics
-from tasks.models import Task
-rows = list(Task.objects.filter(accepted_at__isnull=False).values_list("created_at", "accepted_at", "finished_at"))
-waits = sorted((a - c).total_seconds() * 1000 for c, a, f in rows)
-ends = [f for c, a, f in rows if f]
-print(json.dumps({"accepted": waits, "first": min(c for c, a, f in rows).timestamp(),
-                  "last": max(ends).timestamp() if ends else None, "done": len(ends)}))
+WAIT_ONLINE = """
+import sys, time
+from servers.models import Server
+deadline = time.monotonic() + 60
+while Server.objects.filter(state="online").count() < {count}:
+    if time.monotonic() > deadline:
+        sys.exit("only %d of {count} servers came online" % Server.objects.filter(state="online").count())
+    time.sleep(0.2)
 """
 
-QUEUE_MANY = """
-from django.contrib.auth import get_user_model
-from servers.models import Server
-from tasks.models import Task, Workflow
-Server.objects.update(enabled=False)
-workflow = Workflow.objects.get(slug="txt2img")
-owners = list(get_user_model().objects.all()[:100])
-Task.objects.bulk_create(
-    [Task(owner=owners[n % len(owners)], workflow=workflow, graph=workflow.graph) for n in range({count})],
-    batch_size=1000,
-)
+STATS = """
+import json
+from tasks.models import Task
+def at(value):
+    return value.timestamp() if value else None
+print(json.dumps([[at(t.created_at), at(t.accepted_at), at(t.started_at), at(t.finished_at), t.status]
+                  for t in Task.objects.all()]))
+"""
+
+# For a hub of another checkout, which has no loop-lag monitor: started on its first loop run in the main thread
+# (Daphne's), written out twice a second. Loaded from this checkout's comfyhub/looplag.py by path.
+SHIM = """
+import asyncio, importlib.util, os, threading, time
+_spec = importlib.util.spec_from_file_location("bench_looplag", os.environ["BENCH_LOOPLAG_MODULE"])
+_lag = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_lag)
+_run_forever = asyncio.BaseEventLoop.run_forever
+
+def _watching(self):
+    if threading.current_thread() is threading.main_thread():
+        asyncio.BaseEventLoop.run_forever = _run_forever
+        _lag.watch(self)
+        from prometheus_client import generate_latest
+
+        def dump():
+            while True:
+                time.sleep(0.5)
+                with open(os.environ["BENCH_LOOPLAG_FILE"] + ".tmp", "wb") as out:
+                    out.write(generate_latest(_lag.REGISTRY))
+                os.replace(os.environ["BENCH_LOOPLAG_FILE"] + ".tmp", os.environ["BENCH_LOOPLAG_FILE"])
+
+        threading.Thread(target=dump, daemon=True).start()
+    return _run_forever(self)
+
+asyncio.BaseEventLoop.run_forever = _watching
+"""
+
+
+# Layer "core+specific": channels_redis' core layer reads all of a process's own channels through one BZPOPMIN
+# behind one lock, on the list of the channel name's prefix: a channel made with another prefix than the
+# consumers' "specific" (UserFeed's "feed") waits behind their reads and never receives. This gives every
+# channel the "specific" prefix (and the feed's capacity), to measure what core would do once that is fixed.
+CORE_SPECIFIC = """
+import fnmatch, os, re
+if os.environ.get("BENCH_CORE_SPECIFIC"):
+    import channels_redis.core as _core
+    _new_channel = _core.RedisChannelLayer.new_channel
+
+    async def _specific_channel(self, prefix="specific"):
+        if not getattr(self, "_bench_capacity", False):
+            self._bench_capacity = True
+            self.channel_capacity.insert(0, (re.compile(fnmatch.translate("specific*")), 10_000))
+        return await _new_channel(self, "specific")
+
+    _core.RedisChannelLayer.new_channel = _specific_channel
 """
 
 
 class Command(BaseCommand):
     help = (
-        "Load figures on a throw-away hub (Daphne and the supervisor as in production for the configured "
-        "database): hub throughput and submit-to-queue latency with 8 simulators, upstream progress to browser "
-        "websocket frame latency with 1,000 sockets across 100 users, and hub memory with 10,000 queued tasks. "
-        "Uses PostgreSQL + Redis when DATABASE_URL and REDIS_URL say so, else SQLite + the in-memory layer."
+        "The live path under load, on throw-away hubs: --tasks txt2img tasks running at once on as many simulated "
+        "servers (one task each, in processes of their own) while --users x --sockets-per-user browser sockets "
+        "are open (this process is the load client). Prints upstream progress -> websocket frame latency, preview "
+        "-> frame latency and previews per second per task, frame sizes by kind, Daphne's event-loop lag (from "
+        "/metrics), the hub's memory and the per-task counts behind them (facts and frames, and on PostgreSQL "
+        "task-row updates and commits, on Redis its commands). PostgreSQL + Redis when DATABASE_URL and REDIS_URL "
+        "say so (then each of --layers), else SQLite + the in-memory layer; --old-checkout runs the same load "
+        "against a hub from another source tree right after, and prints both side by side."
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--simulators", type=int, default=8)
         parser.add_argument("--users", type=int, default=100)
         parser.add_argument("--sockets-per-user", type=int, default=10)
-        parser.add_argument("--tasks", type=int, default=200, help="Tasks for the throughput and latency run")
-        parser.add_argument("--queued", type=int, default=10_000, help="Queued tasks for the memory figure")
+        parser.add_argument("--tasks", type=int, default=20, help="Tasks running at once, one per simulator")
+        parser.add_argument("--steps", type=int, default=100, help="Sampling steps a task (0.15 s each)")
+        parser.add_argument("--preview-method", default="taesd", help="The simulators' --preview-method")
+        parser.add_argument("--sim-processes", type=int, default=2, help="Processes the simulators run in")
+        parser.add_argument(
+            "--layers", default="core,core+specific,pubsub",
+            help="COMFYHUB_REDIS_LAYER values to run, on Redis (core+specific: core with one channel prefix)",
+        )
+        parser.add_argument("--old-checkout", help="Source tree of the old hub (git worktree add PATH COMMIT)")
+        parser.add_argument("--quick", action="store_true", help="10 users x 2 sockets, 4 tasks of 40 steps")
 
-    def handle(self, simulators, users, sockets_per_user, tasks, queued, **options):
-        self.processes = []
+    def handle(self, **options):
+        if options["quick"]:
+            options.update(users=10, sockets_per_user=2, tasks=4, steps=40)
+        if options["users"] < 1 or options["tasks"] < 1:
+            raise CommandError("--users and --tasks must be at least 1.")
+        self.options = options
         postgres = connection.vendor == "postgresql" and bool(settings.REDIS_URL)
-        old_name = None
-        if postgres:
-            old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
-        try:
-            with tempfile.TemporaryDirectory() as scratch:
-                self.measure(Path(scratch), postgres, simulators, users, sockets_per_user, tasks, queued)
-        finally:
-            for process in self.processes:
-                stop(process)
-            if old_name is not None:
-                connection.close()
-                connection.creation.destroy_test_db(old_name, verbosity=0)
+        trees = [("new", ROOT)]
+        if options["old_checkout"]:
+            old = Path(options["old_checkout"]).resolve()
+            if not (old / "manage.py").exists():
+                raise CommandError(f"{old} has no manage.py")
+            trees.append(("old", old))
+        variants = []
+        for label, tree in trees:
+            layers = options["layers"].split(",") if postgres and label == "new" else [None]
+            variants += [(f"{label}, {layer} layer" if layer else label, tree, layer) for layer in layers]
+        layout = "PostgreSQL + Redis" if postgres else "SQLite + in-memory layer"
+        self.stdout.write(
+            f"{layout}: {options['tasks']} tasks x {options['steps']} steps on {options['tasks']} simulators "
+            f"(previews: {options['preview_method']}), {options['users']} users x {options['sockets_per_user']} "
+            f"sockets; {', '.join(v[0] for v in variants)}"
+        )
+        results = []
+        with tempfile.TemporaryDirectory(prefix="comfyhub-bench-sockets-") as scratch:
+            for n, (label, tree, layer) in enumerate(variants):
+                self.stdout.write(f"-- {label} ({tree})")
+                self.stdout.flush()
+                figures = self.run_variant(Path(scratch) / f"v{n}", n, tree, layer, postgres)
+                figures["label"] = label
+                results.append(figures)
+                for line in report(figures):
+                    self.stdout.write(f"  {line}")
+                self.stdout.flush()
+        if len(results) > 1:
+            self.stdout.write(table(results))
 
-    def env(self, scratch, postgres):
+    # --- one hub, one load ------------------------------------------------------------------------------------
+
+    def run_variant(self, scratch, n, tree, layer, postgres):
+        scratch.mkdir(parents=True)
+        self.tree, self.processes = tree, []
         env = {**os.environ, "MEDIA_ROOT": str(scratch / "media"), "LOG_LEVEL": "WARNING",
-               "COMFYHUB_TASK_LOG_LEVEL": "WARNING", "COMFYHUB_USER_MAX_QUEUED": "100000"}
+               "COMFYHUB_TASK_LOG_LEVEL": "WARNING", "COMFYHUB_USER_MAX_QUEUED": "100000",
+               "COMFYHUB_METRICS_TOKEN": secrets.token_urlsafe(32), "PYTHONPATH": str(tree)}
+        env.pop("COMFYHUB_EMBEDDED_SUPERVISOR", None)
+        db_url = None
         if postgres:
-            env["DATABASE_URL"] = database_url()
-            env["REDIS_PREFIX"] = f"bench{os.getpid()}"
+            db_url = create_database(f"bench_{os.getpid()}_{n}")
+            env.update(DATABASE_URL=db_url, REDIS_URL=settings.REDIS_URL, REDIS_PREFIX=f"bench{os.getpid()}v{n}")
+            if layer:
+                env["COMFYHUB_REDIS_LAYER"] = layer
         else:
             env.pop("REDIS_URL", None)
             env["DATABASE_URL"] = f"sqlite:///{scratch / 'hub.sqlite3'}"
-        return env
+        lag_file, shim = None, ""
+        if layer == "core+specific":
+            env.update(COMFYHUB_REDIS_LAYER="core", BENCH_CORE_SPECIFIC="1")
+            shim += CORE_SPECIFIC
+        if not (tree / "comfyhub" / "looplag.py").exists():
+            shim += SHIM
+            lag_file = scratch / "looplag.txt"
+            env.update(BENCH_LOOPLAG_FILE=str(lag_file), BENCH_LOOPLAG_MODULE=str(ROOT / "comfyhub" / "looplag.py"))
+        if shim:
+            (scratch / "shim").mkdir()
+            (scratch / "shim" / "sitecustomize.py").write_text(shim)
+            env["PYTHONPATH"] = f"{tree}{os.pathsep}{scratch / 'shim'}"
+        self.env, self.scratch = env, scratch
+        opts = self.options
+        sims = SimulatorProcesses(opts["tasks"], opts["sim_processes"], preview_method=opts["preview_method"],
+                                  cwd=ROOT)
+        try:
+            self.manage("migrate", "--verbosity", "0")
+            servers = [(f"gpu-{k}", url) for k, url in enumerate(sims.urls)]
+            users = json.loads(self.manage("shell", "-c", SETUP.format(servers=servers, users=opts["users"]))
+                               .strip().splitlines()[-1])
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            if postgres:
+                hub = self.start("serve", "--port", str(port), "--no-supervisor")
+                self.start("run_upstream", "--tick", "0.2")
+            else:
+                hub = self.start("serve", "--port", str(port))
+            wait_until(lambda: healthy(base), 60, "the hub to start", error=CommandError)
+            self.manage("shell", "-c", WAIT_ONLINE.format(count=len(servers)))
+
+            def lag():
+                if lag_file is None:
+                    bearer = {"Authorization": f"Bearer {env['COMFYHUB_METRICS_TOKEN']}"}
+                    reply = httpx.get(f"{base}/metrics", headers=bearer)
+                    reply.raise_for_status()
+                    return live_load.lag_buckets(reply.text)
+                return live_load.lag_buckets(lag_file.read_text() if lag_file.exists() else "")
+
+            figures = {"rss_rest": rss(hub.pid)}
+            counts = lambda: {  # noqa: E731
+                "pg": live_load.postgres_counts(db_url) if db_url else None,
+                "redis": live_load.redis_counts(settings.REDIS_URL) if postgres else None,
+            }
+            figures.update(asyncio.run(self.load(port, users, lag, counts, hub)))
+            for process in self.processes:
+                stop(process)
+            figures["after"] = counts()  # the hub's processes have exited: PostgreSQL has their statistics
+            figures["tasks"] = json.loads(self.manage("shell", "-c", STATS).strip().splitlines()[-1])
+            figures["sockets"] = opts["users"] * opts["sockets_per_user"]
+            figures["postgres"] = postgres
+            if not figures["recorder"].latencies:
+                for log in sorted(scratch.glob("*.log")):  # something is wrong: show what the hub said
+                    self.stderr.write(f"{log.name}:\n{log.read_text(errors='replace')[-3000:]}")
+            return figures
+        finally:
+            for process in self.processes:
+                stop(process)
+            sims.stop()
+            if db_url:
+                drop_database(db_url)
+
+    async def load(self, port, users, lag, counts, hub):
+        opts = self.options
+        recorder = live_load.Recorder()
+        listeners = await live_load.open_sockets(port, [s for s, _t in users], opts["sockets_per_user"], recorder)
+        opening = time.monotonic()
+        while len(recorder.opened) < len(listeners) and time.monotonic() < opening + 120:
+            await asyncio.sleep(0.2)
+        open_time = (max(recorder.opened) - opening) if recorder.opened else float("nan")
+        await asyncio.sleep(1)
+        before, lag_before = counts(), lag()
+        probe = live_load.LoopLagProbe()
+        recorder.ready_at = time.time()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            ids = []
+            for n in range(opts["tasks"]):
+                token = users[n % len(users)][1]
+                reply = await client.post(
+                    "/api/v1/tasks", headers={"Authorization": f"Bearer {token}"},
+                    json={"workflow": "txt2img", "inputs": {"prompt": f"load {n}", "steps": opts["steps"], "seed": n}},
+                )
+                reply.raise_for_status()
+                ids.append((reply.json()["id"], token))
+            deadline = time.monotonic() + 120 + opts["steps"] * 0.5
+            for task_id, token in ids:
+                while time.monotonic() < deadline:
+                    body = (await client.get(f"/api/v1/tasks/{task_id}",
+                                             headers={"Authorization": f"Bearer {token}"})).json()
+                    if body["status"] in TERMINAL:
+                        break
+                    await asyncio.sleep(0.5)
+        await asyncio.sleep(1)  # the last pushes
+        lag_after, client_lag = lag(), probe.stop()
+        socket_rss = rss(hub.pid)
+        for listener in listeners:
+            listener.cancel()
+        await asyncio.gather(*listeners, return_exceptions=True)
+        return {"recorder": recorder, "opened": len(recorder.opened), "open_time": open_time, "before": before,
+                "lag": live_load.lag_delta(lag_before, lag_after), "client_lag": client_lag, "rss_sockets": socket_rss}
 
     def manage(self, *args):
         reply = subprocess.run(  # noqa: S603
-            [sys.executable, "manage.py", *args], cwd=ROOT, env=self.environ, capture_output=True, text=True
+            [sys.executable, "manage.py", *args], cwd=self.tree, env=self.env, capture_output=True, text=True,
+            timeout=300,
         )
         if reply.returncode:
             raise CommandError(f"manage.py {args[0]} failed: {reply.stderr[-2000:]}")
@@ -117,128 +302,29 @@ class Command(BaseCommand):
 
     def start(self, *args):
         log = open(self.scratch / f"{args[0]}-{len(self.processes)}.log", "w")  # noqa: SIM115
-        process = start_manage(*args, env=self.environ, stdout=log, stderr=log)
+        process = subprocess.Popen(  # noqa: S603
+            [sys.executable, "manage.py", *args], cwd=self.tree, env=self.env, stdout=log, stderr=log
+        )
         self.processes.append(process)
         return process
 
-    def measure(self, scratch, postgres, simulator_count, user_count, per_user, count, queued):
-        self.scratch, self.environ = scratch, self.env(scratch, postgres)
-        layer = "PostgreSQL + Redis" if postgres else "SQLite + in-memory layer"
-        self.stdout.write(f"{layer}: {simulator_count} simulators, {user_count} users x {per_user} sockets")
-        sims = [SimulatorThread(time_scale=0.5, name=f"sim-{n}").start() for n in range(simulator_count)]
-        try:
-            self.manage("migrate", "--verbosity", "0")
-            servers = [(f"gpu-{n}", sim.url) for n, sim in enumerate(sims)]
-            output = self.manage("shell", "-c", SETUP.format(servers=servers, users=user_count))
-            users = json.loads(output.strip().splitlines()[-1])
-            port = free_port()
-            if postgres:
-                hub = self.start("serve", "--port", str(port), "--no-supervisor")
-                self.start("run_upstream", "--tick", "0.2")
-            else:
-                hub = self.start("serve", "--port", str(port))
-            wait_until(lambda: healthy(f"http://127.0.0.1:{port}"), 60, "the hub to start", error=CommandError)
-            base_rss = rss(hub.pid)
-            results = asyncio.run(self.sockets_and_tasks(port, users, per_user, count))
-            socket_rss = rss(hub.pid)
-            stats = json.loads(self.manage("shell", "-c", STATS).strip().splitlines()[-1])
-            self.report(results, stats, count, base_rss, socket_rss, user_count * per_user)
-            self.manage("shell", "-c", QUEUE_MANY.format(count=queued))
-            time.sleep(5)  # a few supervisor and dispatch rounds over the queue
-            self.stdout.write(
-                f"hub process memory (Daphne{'' if postgres else ' + supervisor'}): {base_rss / 1024:.0f} MiB "
-                f"at rest, {socket_rss / 1024:.0f} MiB with {user_count * per_user} sockets, "
-                f"{rss(hub.pid) / 1024:.0f} MiB with {queued} more tasks queued"
-            )
-        finally:
-            for sim in sims:
-                sim.stop()
 
-    async def sockets_and_tasks(self, port, users, per_user, count):
-        latencies, frames, seen = [], [0], set()
-        ready_at = time.time()
+def create_database(name):
+    import psycopg
 
-        # Browsers reconnect with jittered backoff, not all in the same millisecond: at most 50 handshakes at once.
-        handshakes = asyncio.Semaphore(50)
+    server = database_url().rsplit("/", 1)[0]
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{server}/{name}"
 
-        async def listen(session):
-            async with handshakes:
-                ws = await connect(
-                    f"ws://127.0.0.1:{port}/ws/tasks/",
-                    additional_headers={"Cookie": f"sessionid={session}", "Origin": f"http://127.0.0.1:{port}"},
-                    max_size=None, open_timeout=60,
-                )
-            async with ws:
-                opened.append(time.monotonic())
-                async for frame in ws:
-                    now = time.time()
-                    frames[0] += 1
-                    for task_id, at in UPSTREAM_AT.findall(frame):
-                        key = (id(ws), task_id, at)
-                        if key not in seen and float(at) > ready_at:
-                            seen.add(key)
-                            latencies.append((now - float(at)) * 1000)
 
-        opened = []
-        listeners = [
-            asyncio.create_task(listen(session)) for session, _token in users for _ in range(per_user)
-        ]
-        opening = time.monotonic()
-        deadline = opening + 120
-        while len(opened) < len(listeners) and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        open_time = (max(opened) - opening) if opened else float("nan")
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            started = time.monotonic()
-            ids = []
-            for n in range(count):
-                _session, token = users[n % len(users)]
-                reply = await client.post(
-                    "/api/v1/tasks",
-                    json={"workflow": "txt2img", "inputs": {**INPUTS, "seed": n}},
-                    headers={"Authorization": f"Bearer {token}"},
-                )
-                reply.raise_for_status()
-                ids.append((reply.json()["id"], token))
-            submitted = time.monotonic() - started
-            for task_id, token in ids:
-                while True:
-                    body = (await client.get(f"/api/v1/tasks/{task_id}",
-                                             headers={"Authorization": f"Bearer {token}"})).json()
-                    if body["status"] in ("succeeded", "failed", "cancelled"):
-                        break
-                    await asyncio.sleep(0.2)
-        await asyncio.sleep(1)
-        for listener in listeners:
-            listener.cancel()
-        await asyncio.gather(*listeners, return_exceptions=True)
-        return {
-            "latencies": latencies, "frames": frames[0], "opened": len(opened), "submitted": submitted,
-            "open_time": open_time,
-        }
+def drop_database(url):
+    import psycopg
 
-    def report(self, results, stats, count, base_rss, socket_rss, sockets):
-        accepted = stats["accepted"]
-        span = (stats["last"] - stats["first"]) if stats["last"] else float("nan")
-        self.stdout.write(
-            f"throughput: {stats['done']} tasks in {span:.1f} s = {stats['done'] / span:.1f} tasks/s "
-            f"(submitting took {results['submitted']:.1f} s)"
-        )
-        self.stdout.write(
-            "submit -> prompt in a server's queue, under load (most tasks wait their turn in the hub): "
-            f"p50 {percentile(accepted, 50):.0f} ms, "
-            f"p99 {percentile(accepted, 99):.0f} ms ({len(accepted)} tasks)"
-        )
-        self.stdout.write(f"browser sockets: {results['opened']} of {sockets} open in {results['open_time']:.1f} s")
-        latencies = sorted(results["latencies"])
-        if latencies:
-            self.stdout.write(
-                f"upstream progress -> browser websocket frame, {results['opened']} of {sockets} sockets open: "
-                f"p50 {percentile(latencies, 50):.0f} ms, p99 {percentile(latencies, 99):.0f} ms "
-                f"({len(latencies)} samples, {results['frames']} frames)"
-            )
-        else:
-            self.stdout.write(f"no progress frames arrived ({results['opened']} of {sockets} sockets open)")
+    server, name = url.rsplit("/", 1)
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def rss(pid):
