@@ -108,6 +108,32 @@ if os.environ.get("BENCH_CORE_SPECIFIC"):
     _core.RedisChannelLayer.new_channel = _specific_channel
 """
 
+# --clean-expired-every: the in-memory layer scans every channel and group membership for expired entries on each
+# send, group_send and receive; this runs that scan at most once in the given seconds, to measure what it costs.
+CLEAN_EXPIRED = """
+import os, time
+if os.environ.get("BENCH_CLEAN_EVERY"):
+    import channels.layers as _layers
+    _clean, _every = _layers.InMemoryChannelLayer._clean_expired, float(os.environ["BENCH_CLEAN_EVERY"])
+
+    def _clean_now_and_then(self):
+        if time.monotonic() - getattr(self, "_bench_cleaned", 0.0) >= _every:
+            self._bench_cleaned = time.monotonic()
+            _clean(self)
+
+    _layers.InMemoryChannelLayer._clean_expired = _clean_now_and_then
+"""
+
+# --profile: cProfile over the hub processes' main thread (Daphne's event loop), written when they exit.
+PROFILE = """
+import atexit, cProfile, os, sys
+if os.environ.get("BENCH_PROFILE") and sys.argv[1:2] and sys.argv[1] in ("serve", "run_upstream"):
+    _profile = cProfile.Profile()
+    _profile.enable()
+    _where = os.path.join(os.environ["BENCH_PROFILE"], sys.argv[1] + ".prof")
+    atexit.register(lambda: (_profile.disable(), _profile.dump_stats(_where)))
+"""
+
 
 class Command(BaseCommand):
     help = (
@@ -133,6 +159,11 @@ class Command(BaseCommand):
             help="COMFYHUB_REDIS_LAYER values to run, on Redis (core+specific: core with one channel prefix)",
         )
         parser.add_argument("--old-checkout", help="Source tree of the old hub (git worktree add PATH COMMIT)")
+        parser.add_argument(
+            "--clean-expired-every", type=float, default=None,
+            help="Also run the new hub with the in-memory layer's expiry scan at most once in this many seconds",
+        )
+        parser.add_argument("--profile", action="store_true", help="Profile the hub's processes (cProfile), print")
         parser.add_argument("--quick", action="store_true", help="10 users x 2 sockets, 4 tasks of 40 steps")
 
     def handle(self, **options):
@@ -152,6 +183,8 @@ class Command(BaseCommand):
         for label, tree in trees:
             layers = options["layers"].split(",") if postgres and label == "new" else [None]
             variants += [(f"{label}, {layer} layer" if layer else label, tree, layer) for layer in layers]
+            if label == "new" and not postgres and options["clean_expired_every"]:
+                variants.append((f"new, scan every {options['clean_expired_every']:g} s", tree, "clean"))
         layout = "PostgreSQL + Redis" if postgres else "SQLite + in-memory layer"
         self.stdout.write(
             f"{layout}: {options['tasks']} tasks x {options['steps']} steps on {options['tasks']} simulators "
@@ -198,6 +231,12 @@ class Command(BaseCommand):
             shim += SHIM
             lag_file = scratch / "looplag.txt"
             env.update(BENCH_LOOPLAG_FILE=str(lag_file), BENCH_LOOPLAG_MODULE=str(ROOT / "comfyhub" / "looplag.py"))
+        if layer == "clean":
+            env["BENCH_CLEAN_EVERY"] = str(self.options["clean_expired_every"])
+            shim += CLEAN_EXPIRED
+        if self.options["profile"]:
+            shim += PROFILE
+            env["BENCH_PROFILE"] = str(scratch)
         if shim:
             (scratch / "shim").mkdir()
             (scratch / "shim" / "sitecustomize.py").write_text(shim)
@@ -241,6 +280,8 @@ class Command(BaseCommand):
             figures["tasks"] = json.loads(self.manage("shell", "-c", STATS).strip().splitlines()[-1])
             figures["sockets"] = opts["users"] * opts["sockets_per_user"]
             figures["postgres"] = postgres
+            for profile in sorted(scratch.glob("*.prof")):
+                self.print_profile(profile)
             if not figures["recorder"].latencies:
                 for log in sorted(scratch.glob("*.log")):  # something is wrong: show what the hub said
                     self.stderr.write(f"{log.name}:\n{log.read_text(errors='replace')[-3000:]}")
@@ -290,6 +331,16 @@ class Command(BaseCommand):
         await asyncio.gather(*listeners, return_exceptions=True)
         return {"recorder": recorder, "opened": len(recorder.opened), "open_time": open_time, "before": before,
                 "lag": live_load.lag_delta(lag_before, lag_after), "client_lag": client_lag, "rss_sockets": socket_rss}
+
+    def print_profile(self, path):
+        import io
+        import pstats
+
+        out = io.StringIO()
+        stats = pstats.Stats(str(path), stream=out)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(40)
+        self.stdout.write(f"profile of {path.stem} (main thread):\n{out.getvalue()}")
 
     def manage(self, *args):
         reply = subprocess.run(  # noqa: S603
