@@ -44,6 +44,9 @@ def summarize(f):
         s[f"{kind}_frames"] = len(sizes)
         s[f"{kind}_bytes_p99"] = percentile(sizes, 99)
         s[f"{kind}_bytes_max"] = max(sizes, default=float("nan"))
+    if f.get("upstream_lag"):
+        s["upstream_lag_p50"] = bucket_quantile(f["upstream_lag"], 0.5) * 1000
+        s["upstream_lag_p99"] = bucket_quantile(f["upstream_lag"], 0.99) * 1000
     before, after = f["before"], f["after"]
     if before["pg"]:
         pg = {key: after["pg"][key] - before["pg"][key] for key in before["pg"]}
@@ -89,6 +92,8 @@ def report(f):
         f"Daphne event-loop lag over the run: p50 {s['lag_p50']:.1f} ms, p99 {s['lag_p99']:.1f} ms, "
         f"mean {s['lag_mean']:.1f} ms ({s['lag_n']:.0f} wake-ups of a 50 ms sleep; from histogram buckets); "
         f"load client's own loop lag p99 {s['client_lag_p99']:.1f} ms",
+        *([f"run_upstream event-loop lag over the run: p50 {s['upstream_lag_p50']:.1f} ms, "
+           f"p99 {s['upstream_lag_p99']:.1f} ms"] if "upstream_lag_p99" in s else []),
         f"Daphne memory: {s['rss_rest']:.0f} MiB at rest, {s['rss_sockets']:.0f} MiB with the sockets open",
     ]
     if "task_updates" in s:
@@ -114,6 +119,7 @@ ROWS = [
     ("row frame p99 / max (B)", "{row_bytes_p99:.0f} / {row_bytes_max:.0f}"),
     ("frames a receiving socket", "{frames_per_socket:.0f}"),
     ("Daphne loop lag p50 / p99 (ms)", "{lag_p50:.1f} / {lag_p99:.1f}"),
+    ("run_upstream loop lag p50 / p99 (ms)", "{upstream_lag_p50:.1f} / {upstream_lag_p99:.1f}"),
     ("client loop lag p99 (ms)", "{client_lag_p99:.1f}"),
     ("task-row UPDATEs a task (a second)", "{task_updates:.1f} ({task_updates_per_s:.2f})"),
     ("commits a task", "{commits:.1f}"),

@@ -60,14 +60,17 @@ print(json.dumps([[at(t.created_at), at(t.accepted_at), at(t.started_at), at(t.f
                   for t in Task.objects.all()]))
 """
 
-# For a hub of another checkout, which has no loop-lag monitor: started on its first loop run in the main thread
-# (Daphne's), written out twice a second. Loaded from this checkout's comfyhub/looplag.py by path.
+# The loop lag of a process that has no /metrics of its own (run_upstream, or Daphne of another checkout, which
+# has no monitor): started on the first loop run in its main thread, written to BENCH_LOOPLAG_FILE-<command>
+# twice a second. Loaded from this checkout's comfyhub/looplag.py by path.
 SHIM = """
-import asyncio, importlib.util, os, threading, time
+import asyncio, importlib.util, os, sys, threading, time
 _spec = importlib.util.spec_from_file_location("bench_looplag", os.environ["BENCH_LOOPLAG_MODULE"])
 _lag = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_lag)
 _run_forever = asyncio.BaseEventLoop.run_forever
+
+_where = os.environ["BENCH_LOOPLAG_FILE"] + "-" + (sys.argv[1] if sys.argv[1:2] else "")
 
 def _watching(self):
     if threading.current_thread() is threading.main_thread():
@@ -78,14 +81,15 @@ def _watching(self):
         def dump():
             while True:
                 time.sleep(0.5)
-                with open(os.environ["BENCH_LOOPLAG_FILE"] + ".tmp", "wb") as out:
+                with open(_where + ".tmp", "wb") as out:
                     out.write(generate_latest(_lag.REGISTRY))
-                os.replace(os.environ["BENCH_LOOPLAG_FILE"] + ".tmp", os.environ["BENCH_LOOPLAG_FILE"])
+                os.replace(_where + ".tmp", _where)
 
         threading.Thread(target=dump, daemon=True).start()
     return _run_forever(self)
 
-asyncio.BaseEventLoop.run_forever = _watching
+if sys.argv[1:2] and sys.argv[1] in os.environ["BENCH_LOOPLAG_FOR"].split(","):
+    asyncio.BaseEventLoop.run_forever = _watching
 """
 
 
@@ -223,14 +227,16 @@ class Command(BaseCommand):
         else:
             env.pop("REDIS_URL", None)
             env["DATABASE_URL"] = f"sqlite:///{scratch / 'hub.sqlite3'}"
-        lag_file, shim = None, ""
+        shim, watched = "", []
         if layer == "core+specific":
             env.update(COMFYHUB_REDIS_LAYER="core", BENCH_CORE_SPECIFIC="1")
             shim += CORE_SPECIFIC
-        if not (tree / "comfyhub" / "looplag.py").exists():
+        has_monitor = (tree / "comfyhub" / "looplag.py").exists()
+        watched = ([] if has_monitor else ["serve"]) + (["run_upstream"] if postgres else [])
+        if watched:
             shim += SHIM
-            lag_file = scratch / "looplag.txt"
-            env.update(BENCH_LOOPLAG_FILE=str(lag_file), BENCH_LOOPLAG_MODULE=str(ROOT / "comfyhub" / "looplag.py"))
+            env.update(BENCH_LOOPLAG_FILE=str(scratch / "looplag"), BENCH_LOOPLAG_FOR=",".join(watched),
+                       BENCH_LOOPLAG_MODULE=str(ROOT / "comfyhub" / "looplag.py"))
         if layer == "clean":
             env["BENCH_CLEAN_EVERY"] = str(self.options["clean_expired_every"])
             shim += CLEAN_EXPIRED
@@ -260,13 +266,19 @@ class Command(BaseCommand):
             wait_until(lambda: healthy(base), 60, "the hub to start", error=CommandError)
             self.manage("shell", "-c", WAIT_ONLINE.format(count=len(servers)))
 
+            def from_file(command):
+                path = scratch / f"looplag-{command}"
+                return live_load.lag_buckets(path.read_text() if path.exists() else "")
+
             def lag():
-                if lag_file is None:
+                if has_monitor:
                     bearer = {"Authorization": f"Bearer {env['COMFYHUB_METRICS_TOKEN']}"}
                     reply = httpx.get(f"{base}/metrics", headers=bearer)
                     reply.raise_for_status()
-                    return live_load.lag_buckets(reply.text)
-                return live_load.lag_buckets(lag_file.read_text() if lag_file.exists() else "")
+                    daphne = live_load.lag_buckets(reply.text)
+                else:
+                    daphne = from_file("serve")
+                return {"daphne": daphne, "upstream": from_file("run_upstream") if postgres else None}
 
             figures = {"rss_rest": rss(hub.pid)}
             counts = lambda: {  # noqa: E731
@@ -329,8 +341,10 @@ class Command(BaseCommand):
         for listener in listeners:
             listener.cancel()
         await asyncio.gather(*listeners, return_exceptions=True)
+        upstream = lag_after["upstream"] and live_load.lag_delta(lag_before["upstream"], lag_after["upstream"])
         return {"recorder": recorder, "opened": len(recorder.opened), "open_time": open_time, "before": before,
-                "lag": live_load.lag_delta(lag_before, lag_after), "client_lag": client_lag, "rss_sockets": socket_rss}
+                "lag": live_load.lag_delta(lag_before["daphne"], lag_after["daphne"]), "upstream_lag": upstream,
+                "client_lag": client_lag, "rss_sockets": socket_rss}
 
     def print_profile(self, path):
         import io
