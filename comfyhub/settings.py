@@ -158,9 +158,10 @@ USING_SQLITE = _database["ENGINE"] == "django.db.backends.sqlite3"
 REDIS_URL = os.environ.get("REDIS_URL", "")
 REDIS_PREFIX = os.environ.get("REDIS_PREFIX", "comfyhub")
 # A user's live feed in one Daphne process reads one channel (tasks/consumers.py); it drains it as fast as messages
-# arrive, so the layers' default cap of 100 queued messages (over it, a message is dropped without a word) is only
-# reached by a burst. Give it room.
-FEED_CAPACITY = {"feed*": env_int("COMFYHUB_FEED_CAPACITY", 10_000, minimum=100)}
+# arrive, so the layers' default cap of 100 queued messages on a channel (over it, a message is dropped without a
+# word) is only reached by a burst. Give the process's channels room. (Feeds use the consumers' "specific" prefix:
+# channels_redis' core layer reads only one prefix of a process's own channels at a time.)
+FEED_CAPACITY = {"specific*": env_int("COMFYHUB_FEED_CAPACITY", 10_000, minimum=100)}
 # Which channels_redis layer: "pubsub" (Redis PUBLISH/SUBSCRIBE: one round trip per message sent, none per message
 # received) or "core" (lists read with BZPOPMIN: durable for a minute, four round trips per message). BENCHMARKS.md
 # has the figures that chose the default.
@@ -213,8 +214,8 @@ else:
     CHANNEL_LAYERS = {
         # InMemoryChannelLayer reads channel_capacity as (compiled pattern, capacity) pairs, unlike channels_redis.
         "default": {
-            "BACKEND": "channels.layers.InMemoryChannelLayer",
-            "CONFIG": {"channel_capacity": [(re.compile(r"^feed"), FEED_CAPACITY["feed*"])]},
+            "BACKEND": "comfyhub.layers.EmbeddedChannelLayer",
+            "CONFIG": {"channel_capacity": [(re.compile(r"^specific"), FEED_CAPACITY["specific*"])]},
         }
     }
     # Per process, like the layer: the embedded default is one process.

@@ -118,7 +118,8 @@ async def ping_channel_layer():
         raise RuntimeError("no channel layer is configured")
     key = (id(layer), id(asyncio.get_running_loop()))
     if key not in _ping_channels:
-        _ping_channels[key] = (asyncio.Lock(), await layer.new_channel(prefix="readyz"))
+        # The default prefix: channels_redis' core layer reads a process's own channels one prefix at a time.
+        _ping_channels[key] = (asyncio.Lock(), await layer.new_channel())
     lock, channel = _ping_channels[key]
     async with lock:
         nonce = secrets.token_hex(8)

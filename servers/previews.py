@@ -21,6 +21,9 @@ MAX_SIDE = 256
 # A preview is a small latent decoded to pixels; anything far larger is not one, and is not decoded.
 MAX_PIXELS = 4096 * 4096
 QUALITY = 70
+# Bytes of WebP a preview may take: in base64 inside its fragment that is a frame of at most 30 KB. A busy picture
+# (noise, early steps) can take more at 256 px; it is sent smaller rather than larger.
+MAX_BYTES = 21_000
 
 
 def shrink(image):
@@ -30,10 +33,14 @@ def shrink(image):
             raise ValueError(f"a {picture.width}x{picture.height} preview is too large")
         picture.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG decodes at a fraction of its size: much faster
         picture = picture.convert("RGB")
-        picture.thumbnail((MAX_SIDE, MAX_SIDE))
-        out = io.BytesIO()
-        picture.save(out, "WEBP", quality=QUALITY, method=0)
-        return out.getvalue(), "image/webp", picture.size
+        side = MAX_SIDE
+        while True:
+            picture.thumbnail((side, side))
+            out = io.BytesIO()
+            picture.save(out, "WEBP", quality=QUALITY, method=0)
+            if out.tell() <= MAX_BYTES or side <= 64:
+                return out.getvalue(), "image/webp", picture.size
+            side = side * 3 // 4
 
 
 def supports_preview_method(version):

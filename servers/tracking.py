@@ -41,8 +41,15 @@ class ProgressTracker:
         self.eta_at = None  # epoch seconds it should end, from the server's recent runs of the workflow
         self.since = None  # when the oldest change not yet pushed arrived: the start of the push latency
         self.push = self.write = None  # Throttles, set by Tracking
+        self.shown = None  # what the last change showed: a message that changes nothing visible pushes nothing
 
     def changed(self):
+        # ComfyUI says most things twice (progress_state, then progress, for each step): only news is pushed.
+        steps = tuple(self.steps) if self.steps else None
+        shown = (self.running, self.fraction, steps, len(self.done), self.started, self.eta_at)
+        if shown == self.shown:
+            return
+        self.shown = shown
         if self.since is None:
             self.since = time.time()
         for throttle in (self.push, self.write):

@@ -130,7 +130,8 @@ class UserFeed:
         return feed
 
     async def subscribe(self):
-        self.channel = await self.layer.new_channel(prefix="feed")
+        # The default prefix: channels_redis' core layer reads a process's own channels one prefix at a time.
+        self.channel = await self.layer.new_channel()
         await self.layer.group_add(user_group(self.user.pk), self.channel)
         self.loops = [asyncio.ensure_future(self.read()), asyncio.ensure_future(self.work())]
 

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import logging
+import random
 import struct
 import uuid
 from types import SimpleNamespace
@@ -273,6 +274,18 @@ async def test_a_large_preview_reaches_its_owner_as_a_small_webp(pushed):
     assert owner == ledger.task.owner_id and fact["owner"] == owner and fact["task"] == str(ledger.task.pk)
     assert fact["mime"] == "image/webp" and (fact["width"], fact["height"]) == (256, 192)
     assert decoded(fact) == ("WEBP", (256, 192))
+
+
+def test_a_busy_picture_is_sent_smaller_so_that_its_frame_stays_under_30_kb():
+    from tasks.live import preview_fact, render_fact
+
+    noise = Image.frombytes("RGB", (512, 512), random.Random(7).randbytes(512 * 512 * 3))  # the worst case
+    out = io.BytesIO()
+    noise.save(out, "PNG")
+    image, mime, size = previews_module.shrink(out.getvalue())
+    assert mime == "image/webp" and max(size) < 256  # at 256 px this picture takes about 25 KB of WebP
+    fragment = render_fact(preview_fact(uuid.uuid4(), 1, image, mime, size, upstream_at=1.0))
+    assert len(fragment.encode()) <= 30 * 1024
 
 
 @pytest.mark.asyncio

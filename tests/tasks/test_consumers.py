@@ -1,7 +1,9 @@
 """The browser socket /ws/tasks/: who may connect, what each user receives, and how bursts are folded."""
 
 import asyncio
+import os
 import time
+import uuid
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -193,3 +195,23 @@ async def test_windows_of_one_user_share_one_render(alice, workflows, push_fast,
         await window.disconnect()
     assert len(renders) == 2
     assert consumers.UserFeed.feeds == {}  # the last window closing drops the feed
+
+
+@pytest.mark.parametrize("backend", ["core.RedisChannelLayer", "pubsub.RedisPubSubChannelLayer"])
+async def test_each_redis_layer_delivers_to_the_windows_of_many_users(backend, alice, bob, workflows, settings):
+    # Both layers COMFYHUB_REDIS_LAYER may choose, with several users' feeds and windows in one process: the core
+    # layer reads a process's own channels one prefix at a time, so a feed on a prefix of its own got nothing.
+    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    config = {"hosts": [url], "prefix": f"consumers-{uuid.uuid4().hex[:8]}"}
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": f"channels_redis.{backend}", "CONFIG": config}}
+    windows = {user: [(await connect(user))[0] for _ in range(2)] for user in (alice, bob)}
+    for user, sockets in windows.items():
+        task = await make_task(user, workflows["txt2img"], status=TaskStatus.RUNNING)
+        await aemit_task_update(task)
+        await apush(user.pk, live_fact(task, user, 7))
+        for window in sockets:
+            received = "".join(await frames(window, wait=0.5))
+            assert f'id="task-{task.pk}"' in received and "step 7/20" in received, (backend, user)
+    for sockets in windows.values():
+        for window in sockets:
+            await window.disconnect()
