@@ -21,6 +21,7 @@ from tasks.submission import user_tasks
 logger = logging.getLogger(__name__)
 
 ENDED_REMEMBERED = 2000  # tasks a feed knows have ended, so that a late fact cannot draw over a finished row
+LATEST_REMEMBERED = 2000  # newest facts a feed keeps, to draw again over a row that was read before them
 
 
 class TaskConsumer(SignedInSocket):
@@ -112,6 +113,9 @@ class UserFeed:
         self.inbox = deque()
         self.arrived = asyncio.Event()
         self.ended = {}  # ids of tasks whose finished row went out, oldest first
+        self.latest = {}  # (task id, kind) -> the newest fact of each running task, oldest first
+        self.pending_rows = {}  # task id -> {"created", "upstream_at"}: rows waiting to be read and drawn
+        self.row_renderer = None
         self.channel = None
         self.loops = []
         self.subscribed = asyncio.ensure_future(self.subscribe())
@@ -152,8 +156,9 @@ class UserFeed:
             return
         if UserFeed.feeds.get(self.user.pk) is self:
             del UserFeed.feeds[self.user.pk]
-        for loop in self.loops:
-            loop.cancel()
+        for loop in [*self.loops, self.row_renderer]:
+            if loop is not None:
+                loop.cancel()
         asyncio.ensure_future(self.unsubscribe())
 
     async def unsubscribe(self):
@@ -182,18 +187,18 @@ class UserFeed:
             self.arrived.clear()
             batch, self.inbox = list(self.inbox), deque()
             try:
-                parts = await self.render(batch)
+                rows, facts = self.fold(batch)
+                if rows:
+                    self.queue_rows(rows)
+                self.deliver([((kind, task_id), render_fact(fact)) for (task_id, kind), fact in facts.items()])
             except asyncio.CancelledError:
                 raise
             except Exception:
                 # The page still shows the truth on its next load; a lost push must not stop later ones.
                 logger.exception("could not render live updates for user %s", self.user.pk)
-                continue
-            for socket in list(self.sockets):
-                if socket.outbox is not None:
-                    socket.outbox.put(parts)
 
-    async def render(self, batch):
+    def fold(self, batch):
+        """The rows to render again ({task id: entry}) and the newest fact per (task, kind) of a batch."""
         rows, facts = {}, {}
         for message in batch:
             kind, task_id = message.get("type"), message.get("task")
@@ -204,20 +209,57 @@ class UserFeed:
                 entry["created"] = entry["created"] or bool(message.get("created"))
                 if message.get("status") in TERMINAL_STATUSES:
                     self.remember_ended(task_id)
+                    facts = {key: fact for key, fact in facts.items() if key[0] != task_id}
             elif kind in (PROGRESS, PREVIEW):
                 if message.get("owner") != self.user.pk:
                     # The group is the owner's own: a fact for someone else here is a bug, and it is not shown.
                     logger.error("a live update of task %s reached the feed of user %s", task_id, self.user.pk)
                     continue
-                facts[(task_id, kind)] = message  # the newest wins
-        parts = await render_updates(self.user, rows) if rows else []
-        for (task_id, kind), fact in facts.items():
-            if task_id not in self.ended:
-                parts.append(((kind, task_id), render_fact(fact)))
-        return parts
+                if task_id not in self.ended:
+                    facts[(task_id, kind)] = self.latest[(task_id, kind)] = message  # the newest wins
+        while len(self.latest) > LATEST_REMEMBERED:
+            del self.latest[next(iter(self.latest))]
+        return rows, facts
+
+    def queue_rows(self, rows):
+        """
+        Rows are read from the database, which takes a while when many change at once: facts do not wait for
+        them. A row drawn after newer facts would show older progress, so the newest facts follow it again.
+        """
+        for task_id, entry in rows.items():
+            pending = self.pending_rows.setdefault(task_id, {"created": False, "upstream_at": None})
+            pending["created"] = pending["created"] or entry["created"]
+        if self.row_renderer is None or self.row_renderer.done():
+            self.row_renderer = asyncio.ensure_future(self.render_rows())
+
+    async def render_rows(self):
+        while self.pending_rows:
+            rows, self.pending_rows = self.pending_rows, {}
+            try:
+                parts = await render_updates(self.user, rows)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("could not render the rows of user %s", self.user.pk)
+                continue
+            for task_id in rows:
+                for kind in (PROGRESS, PREVIEW):
+                    fact = self.latest.get((task_id, kind))
+                    if fact is not None and task_id not in self.ended:
+                        parts.append(((kind, task_id), render_fact(fact)))
+            self.deliver(parts)
+
+    def deliver(self, parts):
+        if not parts:
+            return
+        for socket in list(self.sockets):
+            if socket.outbox is not None:
+                socket.outbox.put(parts)
 
     def remember_ended(self, task_id):
         self.ended[task_id] = None
+        for kind in (PROGRESS, PREVIEW):
+            self.latest.pop((task_id, kind), None)
         if len(self.ended) > ENDED_REMEMBERED:
             del self.ended[next(iter(self.ended))]
 

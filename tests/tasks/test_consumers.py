@@ -215,3 +215,26 @@ async def test_each_redis_layer_delivers_to_the_windows_of_many_users(backend, a
     for sockets in windows.values():
         for window in sockets:
             await window.disconnect()
+
+
+async def test_facts_do_not_wait_for_a_row_being_read_and_the_newest_follows_it(alice, workflows, monkeypatch):
+    from tasks import consumers
+
+    release, original = asyncio.Event(), consumers.render_updates
+
+    async def slow_rows(user, pending):
+        await release.wait()  # many rows changing at once: the database takes its time
+        return await original(user, pending)
+
+    monkeypatch.setattr(consumers, "render_updates", slow_rows)
+    window, _ = await connect(alice)
+    task = await make_task(alice, workflows["txt2img"], status=TaskStatus.RUNNING, progress=0.1)
+    await aemit_task_update(task)
+    await apush(alice.pk, live_fact(task, alice, 9))
+    [fact] = await frames(window)
+    assert "step 9/20" in fact and "<article" not in fact  # the fact went out while the row was being read
+    release.set()
+    [row] = await frames(window)
+    # The row (drawn from the database: 10 %) and then the newest fact again, so the bar does not go back.
+    assert row.index("<article") < row.rindex("step 9/20")
+    await window.disconnect()
