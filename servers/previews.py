@@ -9,6 +9,7 @@ import asyncio
 import io
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image, UnidentifiedImageError
 
@@ -24,6 +25,9 @@ QUALITY = 70
 # Bytes of WebP a preview may take: in base64 inside its fragment that is a frame of at most 30 KB. A busy picture
 # (noise, early steps) can take more at 256 px; it is sent smaller rather than larger.
 MAX_BYTES = 21_000
+# Previews are made small on one thread of their own: a pool of them would take the interpreter from the event loop
+# that reads the servers' sockets and pushes progress. When it falls behind, each task's newest frame still wins.
+_shrinking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="previews")
 
 
 def shrink(image):
@@ -101,7 +105,7 @@ class Previews:
             return
         (task, frame, arrived), preview.frame = preview.frame, None
         try:
-            image, mime, size = await asyncio.to_thread(shrink, frame.image)
+            image, mime, size = await asyncio.get_running_loop().run_in_executor(_shrinking, shrink, frame.image)
         except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             # A preview is a hint: a broken one is dropped, and the task goes on.
             logger.warning("%s sent a preview for task %s that cannot be read: %s", self.server.name, task.pk, exc)
