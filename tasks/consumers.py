@@ -12,7 +12,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.template.loader import render_to_string
 
-from tasks.live import PREVIEW, PROGRESS, render_fact
+from tasks.live import PREVIEW, PROGRESS, redraw_live, render_fact
 from tasks.models import TERMINAL_STATUSES, TaskStatus
 from tasks.progress import user_group
 from tasks.sockets import SignedInSocket
@@ -224,7 +224,8 @@ class UserFeed:
     def queue_rows(self, rows):
         """
         Rows are read from the database, which takes a while when many change at once: facts do not wait for
-        them. A row drawn after newer facts would show older progress, so the newest facts follow it again.
+        them. A row is drawn with the newest progress fact (the database's may be a second older, and the bar
+        must not go back), or again with one that came while it was read, and followed by the newest preview.
         """
         for task_id, entry in rows.items():
             pending = self.pending_rows.setdefault(task_id, {"created": False, "upstream_at": None})
@@ -235,6 +236,8 @@ class UserFeed:
     async def render_rows(self):
         while self.pending_rows:
             rows, self.pending_rows = self.pending_rows, {}
+            for task_id, entry in rows.items():
+                entry["live"] = self.latest.get((task_id, PROGRESS))  # the bar as the newest fact has it
             try:
                 parts = await render_updates(self.user, rows)
             except asyncio.CancelledError:
@@ -242,11 +245,15 @@ class UserFeed:
             except Exception:
                 logger.exception("could not render the rows of user %s", self.user.pk)
                 continue
+            for n, (key, html) in enumerate(parts):
+                task_id = key[-1]
+                progress = self.latest.get((task_id, PROGRESS)) if key[0] in ("row", "new") else None
+                if progress is not None and progress is not rows[task_id]["live"]:
+                    parts[n] = (key, redraw_live(html, progress))  # a fact came while the row was being read
             for task_id in rows:
-                for kind in (PROGRESS, PREVIEW):
-                    fact = self.latest.get((task_id, kind))
-                    if fact is not None and task_id not in self.ended:
-                        parts.append(((kind, task_id), render_fact(fact)))
+                preview = self.latest.get((task_id, PREVIEW))
+                if preview is not None and task_id not in self.ended:
+                    parts.append(((PREVIEW, task_id), render_fact(preview)))  # the row drew an empty preview
             self.deliver(parts)
 
     def deliver(self, parts):
@@ -278,6 +285,8 @@ def render_updates(user, pending):
         task = tasks.get(task_id)
         if task is None:
             continue  # not this user's (never expected: the group is the user's own) or deleted
+        if entry.get("live") and task.status == TaskStatus.RUNNING:
+            task.live_fact = entry["live"]  # newer than the progress the database has
         context = row_context(task, upstream_at=entry["upstream_at"], oob=not entry["created"])
         row = render_to_string("tasks/task_list.html#task-row", context)
         if entry["created"]:

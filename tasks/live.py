@@ -69,13 +69,22 @@ async def apush(owner_id, fact):
     return True
 
 
-def render_fact(fact):
+def render_fact(fact, oob=True):
     """The out-of-band fragment for one fact: the live part of the row, or the preview image."""
     if fact.get("type") == PREVIEW:
-        context = {"preview": fact, "task_id": fact["task"], "oob": True}
+        context = {"preview": fact, "task_id": fact["task"], "oob": oob}
         return get_template("tasks/live.html#preview").render(context)
-    context = {"live": live_context(fact), "task_id": fact["task"], "oob": True}
+    context = {"live": live_context(fact), "task_id": fact["task"], "oob": oob}
     return get_template("tasks/live.html#live").render(context)
+
+
+def redraw_live(row, fact):
+    """A rendered row with its live part drawn again from a newer progress fact (the part holds no nested div)."""
+    start = row.find(f'<div class="task__live" id="task-{fact["task"]}-live"')
+    end = row.find("</div>", start)
+    if start < 0 or end < 0:
+        return row
+    return row[:start] + render_fact(fact, oob=False).strip() + row[end + len("</div>") :]
 
 
 def live_context(detail, upstream_at=None, now=None):
@@ -104,6 +113,9 @@ def stored_live(task):
     """The live part of a row as the database has it: progress written at most once a second, with its detail."""
     if not task.is_active:
         return live_context({"final": task.percent})
+    fact = getattr(task, "live_fact", None)  # set by a feed that has newer progress than the row
+    if fact is not None and task.status == "running":
+        return live_context(fact)
     detail = {**(task.progress_detail or {}), "value": task.progress}
     if task.status != "running":
         detail = {"value": task.progress}  # queued or waiting in a server's queue: nothing runs yet

@@ -235,6 +235,14 @@ async def test_facts_do_not_wait_for_a_row_being_read_and_the_newest_follows_it(
     assert "step 9/20" in fact and "<article" not in fact  # the fact went out while the row was being read
     release.set()
     [row] = await frames(window)
-    # The row (drawn from the database: 10 %) and then the newest fact again, so the bar does not go back.
-    assert row.index("<article") < row.rindex("step 9/20")
+    # The row was read before the fact came (the database has 10 %): it is drawn with the fact's progress.
+    assert row.index("<article") < row.index("step 9/20") < row.index("</article>")
+    assert 'value="40"' in row and 'value="10"' not in row and row.count("-live") == 1
+    await apush(alice.pk, live_fact(task, alice, 11))
+    await frames(window)
+    await aemit_task_update(task)
+    [again] = await frames(window)
+    # A row read after a fact is drawn with the fact's progress, not the database's older 10 %.
+    assert again.index("<article") < again.index("step 11/20") < again.index("</article>")
+    assert 'value="49"' in again and 'value="10"' not in again
     await window.disconnect()
