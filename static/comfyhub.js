@@ -143,6 +143,33 @@
       whenSignedIn(null);
     }
   });
+  function barValue(live) {
+    var bar = live.querySelector("progress");
+    return bar ? Number(bar.getAttribute("value")) || 0 : 0;
+  }
+
+  // A running task's bar never goes back. A page read from the database (progress is written there once a
+  // second) can be older than the live part the socket has drawn already: keep the one that is further on.
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var text = event.detail.serverResponse;
+    if (typeof text !== "string" || text.indexOf("task__live") < 0) return;
+    var doc = new DOMParser().parseFromString(text, "text/html");
+    var changed = false;
+    doc.querySelectorAll(".task__live[id]").forEach(function (fresh) {
+      var shown = document.getElementById(fresh.id);
+      var row = fresh.closest(".task");
+      if (!shown || !row || row.getAttribute("data-status") !== "running") return;
+      if (barValue(fresh) >= barValue(shown)) return;
+      var kept = shown.cloneNode(true);
+      kept.removeAttribute("hx-swap-oob");
+      fresh.replaceWith(doc.importNode(kept, true));
+      changed = true;
+    });
+    if (changed) {
+      event.detail.serverResponse = /<html/i.test(text) ? "<!doctype html>" + doc.documentElement.outerHTML : doc.body.innerHTML;
+    }
+  });
+
   document.addEventListener("htmx:afterSettle", function () {
     dedupeRows();
     refreshDetail();
