@@ -114,7 +114,7 @@ class UserFeed:
         self.arrived = asyncio.Event()
         self.ended = {}  # ids of tasks whose finished row went out, oldest first
         self.latest = {}  # (task id, kind) -> the newest fact of each running task, oldest first
-        self.pending_rows = {}  # task id -> {"created", "upstream_at"}: rows waiting to be read and drawn
+        self.pending_rows = {}  # task id -> {"created"}: rows waiting to be read and drawn
         self.row_renderer = None
         self.channel = None
         self.loops = []
@@ -205,7 +205,7 @@ class UserFeed:
             if task_id is None:
                 continue
             if kind == "task.update":
-                entry = rows.setdefault(task_id, {"created": False, "upstream_at": None})
+                entry = rows.setdefault(task_id, {"created": False})
                 entry["created"] = entry["created"] or bool(message.get("created"))
                 if message.get("status") in TERMINAL_STATUSES:
                     self.remember_ended(task_id)
@@ -228,7 +228,7 @@ class UserFeed:
         must not go back), or again with one that came while it was read, and followed by the newest preview.
         """
         for task_id, entry in rows.items():
-            pending = self.pending_rows.setdefault(task_id, {"created": False, "upstream_at": None})
+            pending = self.pending_rows.setdefault(task_id, {"created": False})
             pending["created"] = pending["created"] or entry["created"]
         if self.row_renderer is None or self.row_renderer.done():
             self.row_renderer = asyncio.ensure_future(self.render_rows())
@@ -274,7 +274,7 @@ class UserFeed:
 @database_sync_to_async
 def render_updates(user, pending):
     """
-    The rows of `pending` ({task id: {"created", "upstream_at"}}) that belong to `user`, rendered out of band, as
+    The rows of `pending` ({task id: {"created"}}) that belong to `user`, rendered out of band, as
     [(key, html)] parts of a frame, with the user's running count.
     """
     from tasks.views import row_context
@@ -287,7 +287,7 @@ def render_updates(user, pending):
             continue  # not this user's (never expected: the group is the user's own) or deleted
         if entry.get("live") and task.status == TaskStatus.RUNNING:
             task.live_fact = entry["live"]  # newer than the progress the database has
-        context = row_context(task, upstream_at=entry["upstream_at"], oob=not entry["created"])
+        context = row_context(task, oob=not entry["created"])
         row = render_to_string("tasks/task_list.html#task-row", context)
         if entry["created"]:
             parts.append((("new", task_id), f'<div hx-swap-oob="afterbegin:#task-list">{row}</div>'))

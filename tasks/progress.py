@@ -15,7 +15,7 @@ def user_group(user_id):
     return f"user.{user_id}"
 
 
-def task_event(task, *, created=False, upstream_at=None):
+def task_event(task, *, created=False):
     """
     A status change of a task, small enough for any channel layer: the user's feed re-reads the task and renders
     its row. Progress and previews travel as facts of their own (tasks/live.py).
@@ -26,17 +26,16 @@ def task_event(task, *, created=False, upstream_at=None):
         "status": task.status,
         "progress": round(task.progress, 4),
         "created": created,
-        "upstream_at": upstream_at,
     }
 
 
-async def aemit_task_update(task, *, created=False, upstream_at=None):
+async def aemit_task_update(task, *, created=False):
     layer = get_channel_layer()
     if layer is None:
         return
     try:
         await layer.group_send(
-            user_group(task.owner_id), task_event(task, created=created, upstream_at=upstream_at)
+            user_group(task.owner_id), task_event(task, created=created)
         )
         await layer.group_send(OPS_GROUP, {"type": "ops.update", "what": "task"})
     except Exception:
