@@ -907,8 +907,10 @@ async def test_txt2img_duration_follows_the_time_scale(sim, http):
     started = asyncio.get_running_loop().time()
     await history_of(http, await submit(http, txt2img_graph(seed=1)))
     elapsed = asyncio.get_running_loop().time() - started
-    assert 0.03 < elapsed < 1.0  # 3-5 s at time_scale 1
-    assert 0.03 < sim.busy_seconds < 1.0
+    # 3-5 s at time_scale 1, 0.03-0.05 s of it scaled at 0.01; the bound leaves room for the Pillow work of a machine
+    # running the rest of the suite, and still fails a scale that is not applied.
+    assert 0.03 < elapsed < 2.5
+    assert 0.03 < sim.busy_seconds < 2.5
 
 
 # --- fault injection ------------------------------------------------------------------------------------------------
