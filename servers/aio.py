@@ -5,10 +5,25 @@ logged, never swallowed. At the bottom of the house: nothing of the hub's is imp
 
 import asyncio
 import logging
+import random
 
 from asgiref.sync import sync_to_async
 
 logger = logging.getLogger(__name__)
+
+
+def phase(interval):
+    """
+    A first wait somewhere within `interval`: the timers of servers connected together (a worker starting, a
+    lease taken over) would otherwise fire together, and their burst of requests and writes holds up the live
+    pushes of every task the process follows.
+    """
+    return random.uniform(0.0, interval)  # noqa: S311 (timing, not secrets)
+
+
+def jittered(interval, spread=0.1):
+    """`interval` give or take `spread` of it, so that timers spread apart stay apart."""
+    return interval * random.uniform(1.0 - spread, 1.0 + spread)  # noqa: S311
 
 
 def db(fn):

@@ -13,7 +13,7 @@ import time
 from django.conf import settings
 from django.utils import timezone
 
-from servers.aio import db
+from servers.aio import db, jittered, phase
 from servers.comfy import ComfyError, ComfyUnavailable
 from servers.dispatch import summarize_object_info
 from servers.models import Server, ServerState, StalePrompt
@@ -59,12 +59,13 @@ class Health:
         await db(self.server.set_state)(ServerState.OFFLINE, reason)
 
     async def probe_loop(self):
+        await asyncio.sleep(phase(self.probe_interval()))
         while True:
-            await asyncio.sleep(self.probe_interval())
             try:
                 await self.probe()
             except ComfyError as exc:
                 await self.probe_failed(exc.message)
+            await asyncio.sleep(jittered(self.probe_interval()))
 
     async def probe(self, connecting=False):
         """Ask /system_stats and /queue: liveness, other clients' queued work, and whether it restarted."""
@@ -79,16 +80,17 @@ class Health:
             await db(self.server.record)("restarted", "its /system_stats changed: it restarted", {"took": elapsed})
         if restarted or connecting or not self.server.capabilities:
             await self.refresh_capabilities()
-        foreign = queue.foreign(self.server.client_id)  # any holder's are ours
-        await db(_save_probe)(self.server, fingerprint, foreign, _version(stats))
+        found = _probe_fields(fingerprint, queue.foreign(self.server.client_id), _version(stats))  # any holder's
         if connecting:
+            await db(_save_probe)(self.server, found)
             return
         if not self.link.online and not self.link.reconnecting:
-            await db(self.server.set_state)(ServerState.DEGRADED, "its HTTP API answers but the websocket is down")
+            state, reason = ServerState.DEGRADED, "its HTTP API answers but the websocket is down"
         elif elapsed > settings.COMFYHUB["SLOW_PROBE_SECONDS"]:
-            await db(self.server.set_state)(ServerState.DEGRADED, f"slow: a probe took {elapsed:.1f} s")
+            state, reason = ServerState.DEGRADED, f"slow: a probe took {elapsed:.1f} s"
         else:
-            await db(self.server.set_state)(ServerState.ONLINE, "")
+            state, reason = ServerState.ONLINE, ""
+        await db(self.server.set_state)(state, reason, **found)
         if restarted and self.link.online:
             await self.reconcile("restart")
 
@@ -186,10 +188,15 @@ def _version(stats):
     return str(version)[:40] if isinstance(version, str | int | float) else ""
 
 
-def _save_probe(server, fingerprint, foreign_queue, version):
+def _probe_fields(fingerprint, foreign_queue, version):
     now = timezone.now()
-    server.fingerprint, server.foreign_queue, server.last_probe_at = fingerprint, foreign_queue, now
-    server.comfyui_version = version
-    Server.objects.filter(pk=server.pk).update(
-        fingerprint=fingerprint, foreign_queue=foreign_queue, last_probe_at=now, last_seen=now, comfyui_version=version
-    )
+    return {
+        "fingerprint": fingerprint, "foreign_queue": foreign_queue, "comfyui_version": version,
+        "last_probe_at": now, "last_seen": now,
+    }  # fmt: skip
+
+
+def _save_probe(server, fields):
+    for key, value in fields.items():
+        setattr(server, key, value)
+    Server.objects.filter(pk=server.pk).update(**fields)

@@ -117,8 +117,11 @@ class Server(models.Model):
     def effective_depth(self):
         return max(1, min(self.pipeline_depth, self.max_in_flight))
 
-    def set_state(self, state, reason=None):
-        """Record the state with its reason; a change is also written to the server's trail. True when it changed."""
+    def set_state(self, state, reason=None, **also):
+        """
+        Record the state with its reason (and the fields in `also`); a change is also written to the server's
+        trail. True when it changed.
+        """
         now = timezone.now()
         if state in ACCEPTING_STATES and self.draining:
             state = ServerState.DRAINING
@@ -127,6 +130,12 @@ class Server(models.Model):
             fields["state_reason"] = reason[:300]
             if state not in ACCEPTING_STATES and reason:
                 fields["last_error"] = reason[:2000]
+        fields.update(also)
+        # The usual case, a probe finding the state it knew: one statement, conditional on the row's state.
+        if fields and Server.objects.filter(pk=self.pk, state=state).update(**fields):
+            for key, value in fields.items():
+                setattr(self, key, value)
+            return False
         # One transaction: a reader never sees the new state without its trail entry.
         with transaction.atomic():
             # The row, not this object: another process may have changed the state since this one was loaded.

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 
-from servers.aio import db
+from servers.aio import db, jittered, phase
 from servers.comfy import ComfyError
 from tasks.models import Task, TaskStatus
 
@@ -35,8 +35,9 @@ class Reconciler:
         self.spawn = spawn
 
     async def loop(self):
+        await self.after(phase(self.interval()), "timer")
         while True:
-            await self.after(self.interval(), "timer")
+            await self.after(jittered(self.interval()), "timer")
 
     async def after(self, delay, reason):
         await asyncio.sleep(delay)
