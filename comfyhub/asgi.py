@@ -1,3 +1,4 @@
+import asyncio
 import os
 
 from django.core.asgi import get_asgi_application
@@ -5,6 +6,7 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "comfyhub.settings")
 django_asgi_app = get_asgi_application()
 
+from comfyhub import process as process_of_hub  # noqa: E402
 from comfyhub.daphne_bodies import leave_bodies_to_django  # noqa: E402
 
 leave_bodies_to_django()
@@ -24,3 +26,8 @@ application = ProtocolTypeRouter(
         ),
     }
 )
+
+if process_of_hub.run_by_daphne():
+    # Plain `daphne comfyhub.asgi:application` (production) has no command of ours to start with: it imports this
+    # module once its reactor's loop exists, before it runs it. `manage.py serve` does the same when ready.
+    process_of_hub.started(asyncio.get_event_loop())

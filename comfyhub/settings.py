@@ -260,6 +260,9 @@ COMFYHUB = {
     "PUSH_INTERVAL": env_float("COMFYHUB_PUSH_INTERVAL", 0.05, minimum=0.001),
     # Sampler previews pushed per second per task, at most (the newest wins); 0 turns them off.
     "PREVIEW_FPS": env_float("COMFYHUB_PREVIEW_FPS", 4.0, minimum=0.0),
+    # Seconds between two full garbage collections of a Daphne or run_upstream process (comfyhub/collector.py):
+    # in between, collections walk only objects newer than the last full one; 0 leaves the collector as it is.
+    "GC_FULL_SECONDS": env_float("COMFYHUB_GC_FULL_SECONDS", 600.0),
     # Largest output file copied off a GPU server, in bytes.
     "MAX_OUTPUT_BYTES": env_int("COMFYHUB_MAX_OUTPUT_BYTES", 200 * 1024 * 1024, minimum=1),
     # Largest image a user may upload, in bytes.

@@ -13,7 +13,7 @@ from django.utils import timezone
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from comfyhub import looplag
+from comfyhub import collector, looplag  # noqa: F401  (collector: its pause histogram is on looplag's registry)
 from ops.dashboard import ERROR_STATES
 from servers.models import Server, ServerEvent, ServerState
 from tasks.models import ACTIVE_STATUSES, Task, TaskEvent, TaskStatus
@@ -216,7 +216,10 @@ def histogram_family(name, documentation, data, buckets):
 
 
 def exposition(now=None):
-    """The whole /metrics page in Prometheus' text format: the pool's aggregates, then this process's loop lag."""
+    """
+    The whole /metrics page in Prometheus' text format: the pool's aggregates, then this process's loop lag and
+    garbage-collector pauses.
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PoolCollector(now))
     return generate_latest(registry) + generate_latest(looplag.REGISTRY)

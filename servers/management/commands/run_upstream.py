@@ -3,6 +3,7 @@ import signal
 
 from django.core.management.base import BaseCommand
 
+from comfyhub import process
 from servers.supervisor import Supervisor
 
 
@@ -22,5 +23,6 @@ class Command(BaseCommand):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, supervisor.stop)
+        process.started(watch_loop=False)  # short garbage-collector pauses: every push of the process waits for them
         self.stdout.write(f"Upstream supervisor {supervisor.owner} running; SIGTERM stops it.")
         await supervisor.run()

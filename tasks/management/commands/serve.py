@@ -12,7 +12,7 @@ from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
-from comfyhub import looplag
+from comfyhub import process
 from servers.models import Server
 from servers.supervisor import Supervisor
 from tasks.workflows import load_demo_workflows
@@ -56,7 +56,7 @@ class Command(BaseCommand):
         supervisor = Supervisor() if embedded else None
 
         def ready():
-            looplag.watch()  # the lag of the loop every socket of this process shares, on /metrics
+            process.started()  # the lag of the loop every socket of this process shares, on /metrics; short GC pauses
             if supervisor is not None:
                 # Daphne has made the reactor's asyncio loop current: the supervisor shares it with the consumers,
                 # which the in-memory channel layer needs.
