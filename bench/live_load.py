@@ -93,6 +93,38 @@ def lag_buckets(text):
     return {"buckets": sorted(buckets), **totals}
 
 
+GC_SAMPLE = re.compile(
+    r'^bench_gc_pause_seconds_(bucket|sum|count)\{generation="(\d)"(?:,le="([^"]+)")?\} (\S+)$', re.M
+)
+
+
+def gc_pauses(text):
+    """{generation: histogram as lag_buckets() gives it} of the collector-pause histogram a hub process wrote."""
+    found = {}
+    for part, generation, le, value in GC_SAMPLE.findall(text):
+        histogram = found.setdefault(generation, {"buckets": [], "sum": 0.0, "count": 0.0})
+        if part == "bucket":
+            histogram["buckets"].append((float("inf") if le == "+Inf" else float(le), float(value)))
+        else:
+            histogram[part] = float(value)
+    for histogram in found.values():
+        histogram["buckets"].sort()
+    return found
+
+
+def gc_delta(before, after):
+    empty = {"buckets": [], "sum": 0.0, "count": 0.0}
+    return {generation: lag_delta(before.get(generation, empty), histogram) for generation, histogram in after.items()}
+
+
+def longest(histogram):
+    """The upper bound of the bucket the longest observation fell in (seconds); 0 when there was none."""
+    for le, count in histogram["buckets"]:
+        if count >= histogram["count"]:
+            return 0.0 if not histogram["count"] else le
+    return float("inf")
+
+
 def lag_delta(before, after):
     earlier = dict(before["buckets"])
     return {

@@ -2,7 +2,7 @@
 
 import statistics
 
-from bench.live_load import bucket_quantile
+from bench.live_load import bucket_quantile, longest
 from comfyhub.harness import percentile
 
 
@@ -47,6 +47,13 @@ def summarize(f):
     if f.get("upstream_lag"):
         s["upstream_lag_p50"] = bucket_quantile(f["upstream_lag"], 0.5) * 1000
         s["upstream_lag_p99"] = bucket_quantile(f["upstream_lag"], 0.99) * 1000
+    for command, label in (("serve", "daphne"), ("run_upstream", "upstream")):
+        pauses = f.get("gc", {}).get(command)
+        if pauses:
+            full = pauses.get("2", {"buckets": [], "sum": 0.0, "count": 0.0})
+            s[f"{label}_gc_full"] = full["count"]
+            s[f"{label}_gc_full_longest"] = longest(full) * 1000
+            s[f"{label}_gc_ms"] = sum(h["sum"] for h in pauses.values()) * 1000
     before, after = f["before"], f["after"]
     if before["pg"]:
         pg = {key: after["pg"][key] - before["pg"][key] for key in before["pg"]}
@@ -94,6 +101,9 @@ def report(f):
         f"load client's own loop lag p99 {s['client_lag_p99']:.1f} ms",
         *([f"run_upstream event-loop lag over the run: p50 {s['upstream_lag_p50']:.1f} ms, "
            f"p99 {s['upstream_lag_p99']:.1f} ms"] if "upstream_lag_p99" in s else []),
+        *[f"{name}'s garbage collector over the run: {s[f'{label}_gc_full']:.0f} full collections (the longest "
+          f"<= {s[f'{label}_gc_full_longest']:.0f} ms), {s[f'{label}_gc_ms']:.0f} ms of pauses in all"
+          for name, label in (("Daphne", "daphne"), ("run_upstream", "upstream")) if f"{label}_gc_full" in s],
         f"Daphne memory: {s['rss_rest']:.0f} MiB at rest, {s['rss_sockets']:.0f} MiB with the sockets open",
     ]
     if "task_updates" in s:
@@ -121,6 +131,10 @@ ROWS = [
     ("Daphne loop lag p50 / p99 (ms)", "{lag_p50:.1f} / {lag_p99:.1f}"),
     ("run_upstream loop lag p50 / p99 (ms)", "{upstream_lag_p50:.1f} / {upstream_lag_p99:.1f}"),
     ("client loop lag p99 (ms)", "{client_lag_p99:.1f}"),
+    ("Daphne full GCs (longest, ms); all GC ms",
+     "{daphne_gc_full:.0f} (<= {daphne_gc_full_longest:.0f}); {daphne_gc_ms:.0f}"),
+    ("run_upstream full GCs (longest, ms); all GC ms",
+     "{upstream_gc_full:.0f} (<= {upstream_gc_full_longest:.0f}); {upstream_gc_ms:.0f}"),
     ("task-row UPDATEs a task (a second)", "{task_updates:.1f} ({task_updates_per_s:.2f})"),
     ("commits a task", "{commits:.1f}"),
     ("Redis commands a task (PUBLISH / EVAL)", "{redis_total:.0f} ({redis_publish:.0f} / {redis_eval:.0f})"),

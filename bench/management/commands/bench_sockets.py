@@ -1,4 +1,5 @@
 import asyncio
+import gc
 import json
 import os
 import secrets
@@ -128,6 +129,37 @@ if os.environ.get("BENCH_CLEAN_EVERY"):
     _layers.InMemoryChannelLayer._clean_expired = _clean_now_and_then
 """
 
+# The pauses of the cyclic garbage collector in each hub process (Daphne, run_upstream), old tree or new, as a
+# histogram by generation written to BENCH_GC_FILE-<command> twice a second: a full collection stops the loop
+# that every socket of the process shares.
+GC_PAUSES = """
+import gc, os, sys, threading, time
+if sys.argv[1:2] and sys.argv[1] in ("serve", "run_upstream"):
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+    _gc_registry = CollectorRegistry()
+    _gc_pause = Histogram("bench_gc_pause_seconds", "", ["generation"], registry=_gc_registry,
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0))
+    _gc_began = [None]
+
+    def _gc_timed(phase, info):
+        if phase == "start":
+            _gc_began[0] = time.perf_counter()
+        elif _gc_began[0] is not None:
+            _gc_pause.labels(str(info["generation"])).observe(time.perf_counter() - _gc_began[0])
+
+    gc.callbacks.insert(0, _gc_timed)
+    _gc_where = os.environ["BENCH_GC_FILE"] + "-" + sys.argv[1]
+
+    def _gc_dump():
+        while True:
+            time.sleep(0.5)
+            with open(_gc_where + ".tmp", "wb") as out:
+                out.write(generate_latest(_gc_registry))
+            os.replace(_gc_where + ".tmp", _gc_where)
+
+    threading.Thread(target=_gc_dump, daemon=True).start()
+"""
+
 # --profile: cProfile over the hub processes' main thread (Daphne's event loop), written when they exit.
 PROFILE = """
 import atexit, cProfile, os, sys
@@ -240,6 +272,8 @@ class Command(BaseCommand):
         if layer == "clean":
             env["BENCH_CLEAN_EVERY"] = str(self.options["clean_expired_every"])
             shim += CLEAN_EXPIRED
+        shim += GC_PAUSES
+        env["BENCH_GC_FILE"] = str(scratch / "gc")
         if self.options["profile"]:
             shim += PROFILE
             env["BENCH_PROFILE"] = str(scratch)
@@ -278,7 +312,10 @@ class Command(BaseCommand):
                     daphne = live_load.lag_buckets(reply.text)
                 else:
                     daphne = from_file("serve")
-                return {"daphne": daphne, "upstream": from_file("run_upstream") if postgres else None}
+                gc_text = {command: (scratch / f"gc-{command}") for command in ("serve", "run_upstream")}
+                return {"daphne": daphne, "upstream": from_file("run_upstream") if postgres else None,
+                        "gc": {command: live_load.gc_pauses(path.read_text() if path.exists() else "")
+                               for command, path in gc_text.items()}}
 
             figures = {"rss_rest": rss(hub.pid)}
             counts = lambda: {  # noqa: E731
@@ -314,6 +351,11 @@ class Command(BaseCommand):
             await asyncio.sleep(0.2)
         open_time = (max(recorder.opened) - opening) if recorder.opened else float("nan")
         await asyncio.sleep(1)
+        # This process stands for a thousand browsers, each with a heap of its own: a pause of its collector,
+        # walking the objects of all their sockets at once, is not the hub's, and is kept out of the run.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
         before, lag_before = counts(), lag()
         probe = live_load.LoopLagProbe()
         recorder.ready_at = time.time()
@@ -336,13 +378,18 @@ class Command(BaseCommand):
                         break
                     await asyncio.sleep(0.5)
         await asyncio.sleep(1)  # the last pushes
+        gc.enable()
+        gc.unfreeze()
         lag_after, client_lag = lag(), probe.stop()
         socket_rss = rss(hub.pid)
         for listener in listeners:
             listener.cancel()
         await asyncio.gather(*listeners, return_exceptions=True)
         upstream = lag_after["upstream"] and live_load.lag_delta(lag_before["upstream"], lag_after["upstream"])
+        gc_pauses = {command: live_load.gc_delta(lag_before["gc"][command], pauses)
+                     for command, pauses in lag_after["gc"].items() if pauses}
         return {"recorder": recorder, "opened": len(recorder.opened), "open_time": open_time, "before": before,
+                "gc": gc_pauses,
                 "lag": live_load.lag_delta(lag_before["daphne"], lag_after["daphne"]), "upstream_lag": upstream,
                 "client_lag": client_lag, "rss_sockets": socket_rss}
 
