@@ -1,4 +1,3 @@
-import asyncio
 import os
 
 from django.core.asgi import get_asgi_application
@@ -30,4 +29,6 @@ application = ProtocolTypeRouter(
 if process_of_hub.run_by_daphne():
     # Plain `daphne comfyhub.asgi:application` (production) has no command of ours to start with: it imports this
     # module once its reactor's loop exists, before it runs it. `manage.py serve` does the same when ready.
-    process_of_hub.started(asyncio.get_event_loop())
+    from daphne.server import twisted_loop  # noqa: E402
+
+    process_of_hub.started(twisted_loop)
