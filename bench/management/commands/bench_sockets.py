@@ -15,9 +15,10 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
 from bench import live_load
+from bench.hubs import GC_PAUSES, create_database, drop_database, rss
 from bench.live_report import report, table
 from bench.simulators import SimulatorProcesses
-from comfyhub.harness import database_url, free_port, healthy, stop, wait_until
+from comfyhub.harness import free_port, healthy, stop, wait_until
 
 ROOT = Path(settings.BASE_DIR)
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -127,37 +128,6 @@ if os.environ.get("BENCH_CLEAN_EVERY"):
             _clean(self)
 
     _layers.InMemoryChannelLayer._clean_expired = _clean_now_and_then
-"""
-
-# The pauses of the cyclic garbage collector in each hub process (Daphne, run_upstream), old tree or new, as a
-# histogram by generation written to BENCH_GC_FILE-<command> twice a second: a full collection stops the loop
-# that every socket of the process shares.
-GC_PAUSES = """
-import gc, os, sys, threading, time
-if sys.argv[1:2] and sys.argv[1] in ("serve", "run_upstream"):
-    from prometheus_client import CollectorRegistry, Histogram, generate_latest
-    _gc_registry = CollectorRegistry()
-    _gc_pause = Histogram("bench_gc_pause_seconds", "", ["generation"], registry=_gc_registry,
-                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0))
-    _gc_began = [None]
-
-    def _gc_timed(phase, info):
-        if phase == "start":
-            _gc_began[0] = time.perf_counter()
-        elif _gc_began[0] is not None:
-            _gc_pause.labels(str(info["generation"])).observe(time.perf_counter() - _gc_began[0])
-
-    gc.callbacks.insert(0, _gc_timed)
-    _gc_where = os.environ["BENCH_GC_FILE"] + "-" + sys.argv[1]
-
-    def _gc_dump():
-        while True:
-            time.sleep(0.5)
-            with open(_gc_where + ".tmp", "wb") as out:
-                out.write(generate_latest(_gc_registry))
-            os.replace(_gc_where + ".tmp", _gc_where)
-
-    threading.Thread(target=_gc_dump, daemon=True).start()
 """
 
 # --profile: cProfile over the hub processes' main thread (Daphne's event loop), written when they exit.
@@ -419,28 +389,3 @@ class Command(BaseCommand):
         )
         self.processes.append(process)
         return process
-
-
-def create_database(name):
-    import psycopg
-
-    server = database_url().rsplit("/", 1)[0]
-    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"{server}/{name}"
-
-
-def drop_database(url):
-    import psycopg
-
-    server, name = url.rsplit("/", 1)
-    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def rss(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])  # KiB
-    return 0

@@ -1,0 +1,139 @@
+"""
+Throw-away hubs for the benchmarks, in processes of their own: a database of their own, and small
+`sitecustomize` shims loaded into each hub process (Daphne by `manage.py serve`, `manage.py run_upstream`) that
+measure it from the inside the same way whichever source tree it runs, the old one of a comparison included:
+
+- GC_PAUSES: each garbage collection's pause, by generation;
+- COUNTS: SQL statements, channel-layer messages sent and HTTP requests to ComfyUI servers, per process.
+
+Each shim writes what it measured to `<file>-<command>` twice a second; `read_shim_file()` reads it back.
+"""
+
+import json
+from pathlib import Path
+
+from comfyhub.harness import database_url
+
+HUB_COMMANDS = ("serve", "run_upstream")
+
+GC_PAUSES = """
+import gc, os, sys, threading, time
+if sys.argv[1:2] and sys.argv[1] in ("serve", "run_upstream") and os.environ.get("BENCH_GC_FILE"):
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+    _gc_registry = CollectorRegistry()
+    _gc_pause = Histogram("bench_gc_pause_seconds", "", ["generation"], registry=_gc_registry,
+                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0))
+    _gc_began = [None]
+
+    def _gc_timed(phase, info):
+        if phase == "start":
+            _gc_began[0] = time.perf_counter()
+        elif _gc_began[0] is not None:
+            _gc_pause.labels(str(info["generation"])).observe(time.perf_counter() - _gc_began[0])
+
+    gc.callbacks.insert(0, _gc_timed)
+    _gc_where = os.environ["BENCH_GC_FILE"] + "-" + sys.argv[1]
+
+    def _gc_dump():
+        while True:
+            time.sleep(0.5)
+            with open(_gc_where + ".tmp", "wb") as out:
+                out.write(generate_latest(_gc_registry))
+            os.replace(_gc_where + ".tmp", _gc_where)
+
+    threading.Thread(target=_gc_dump, daemon=True).start()
+"""
+
+COUNTS = """
+import json, os, sys, threading, time
+if sys.argv[1:2] and sys.argv[1] in ("serve", "run_upstream") and os.environ.get("BENCH_COUNTS_FILE"):
+    _counts = {"sql": 0, "layer": 0, "http": 0}
+
+    def _count_sql(execute, sql, params, many, context):
+        _counts["sql"] += 1
+        return execute(sql, params, many, context)
+
+    def _watch_connection(sender, connection, **kwargs):
+        if _count_sql not in connection.execute_wrappers:
+            connection.execute_wrappers.append(_count_sql)
+
+    from django.db.backends.signals import connection_created
+    connection_created.connect(_watch_connection, weak=False)
+
+    import channels.layers as _layers
+    _get_layer = _layers.get_channel_layer
+
+    def _counting_layer(*args, **kwargs):
+        layer = _get_layer(*args, **kwargs)
+        if layer is not None and not getattr(layer, "_bench_counted", False):
+            for name in ("send", "group_send"):
+                def counted(*a, _real=getattr(layer, name), **k):
+                    _counts["layer"] += 1
+                    return _real(*a, **k)
+                setattr(layer, name, counted)
+            layer._bench_counted = True
+        return layer
+
+    _layers.get_channel_layer = _counting_layer
+
+    import httpx
+    _send = httpx.AsyncClient.send
+
+    async def _counted_send(self, *args, **kwargs):
+        _counts["http"] += 1
+        return await _send(self, *args, **kwargs)
+
+    httpx.AsyncClient.send = _counted_send
+    _counts_where = os.environ["BENCH_COUNTS_FILE"] + "-" + sys.argv[1]
+
+    def _counts_dump():
+        while True:
+            time.sleep(0.5)
+            with open(_counts_where + ".tmp", "w") as out:
+                json.dump(_counts, out)
+            os.replace(_counts_where + ".tmp", _counts_where)
+
+    threading.Thread(target=_counts_dump, daemon=True).start()
+"""
+
+
+def read_shim_file(path):
+    """What a shim last wrote at `path` ('' when it has not written yet)."""
+    path = Path(path)
+    return path.read_text() if path.exists() else ""
+
+
+def read_counts(prefix):
+    """{command: {"sql", "layer", "http"}} of the hub processes whose COUNTS shim wrote under `prefix`."""
+    found = {}
+    for command in HUB_COMMANDS:
+        text = read_shim_file(f"{prefix}-{command}")
+        if text:
+            found[command] = json.loads(text)
+    return found
+
+
+def create_database(name):
+    import psycopg
+
+    server = database_url().rsplit("/", 1)[0]
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{server}/{name}"
+
+
+def drop_database(url):
+    import psycopg
+
+    server, name = url.rsplit("/", 1)
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def rss(pid):
+    """Resident memory of a process, KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
