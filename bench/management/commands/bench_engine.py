@@ -1,93 +1,344 @@
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
-from contextlib import ExitStack
 from datetime import UTC, datetime
+from pathlib import Path
 
+import httpx
 from django.conf import settings
-from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
-from django.test import Client
-from django.test.utils import override_settings
 
-from comfyhub.harness import percentile, wait_until
-from comfysim import SimulatorThread
+from bench.hubs import COUNTS, GC_PAUSES, create_database, drop_database, read_counts, rss
+from bench.simulators import SimulatorProcesses
+from comfyhub.harness import free_port, healthy, percentile, stop, wait_until
+
+ROOT = Path(settings.BASE_DIR)
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+SETUP = """
+import json
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
 from servers.models import Server
-from servers.supervisor import SupervisorThread
-from tasks.models import ApiToken, Task
-from tasks.workflows import load_demo_workflows
+from tasks.models import ApiToken
+for n, url in enumerate({urls!r}):
+    call_command("add_server", f"bench-{{n + 1}}", url, verbosity=0)
+Server.objects.exclude(name="bench-1").update(enabled=False)
+call_command("load_workflow", demo=True, verbosity=0)
+user = get_user_model().objects.create_user("bench")
+print(json.dumps(ApiToken.issue(user)[1]))
+"""
+
+
+class Database:
+    """The throw-away database of one run, read directly by the benchmark (never through the hub)."""
+
+    def __init__(self, url):
+        self.url = url
+        if url.startswith("sqlite:///"):
+            self.conn = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=30, isolation_level=None)
+            self.mark = "?"
+        else:
+            import psycopg
+
+            self.conn = psycopg.connect(url, autocommit=True)
+            self.mark = "%s"
+
+    def all(self, sql, *params):
+        cursor = self.conn.execute(sql.replace("?", self.mark), params)
+        return list(cursor.fetchall()) if cursor.description else []
+
+    def one(self, sql, *params):
+        rows = self.all(sql, *params)
+        return rows[0] if rows else None
+
+    def commits(self):
+        if self.mark == "?":
+            return None
+        return self.one("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")[0]
+
+    def close(self):
+        self.conn.close()
 
 
 class Command(BaseCommand):
     help = (
-        "Measure the task engine on a throw-away test database: the time from POST /api/v1/tasks to the prompt "
-        "being in an idle simulator's queue, and tasks per second (the whole lifecycle: submit, dispatch, run, "
-        "outputs copied) through N simulators with zero-length nodes."
+        "The task engine on throw-away hubs in processes of their own (Daphne, and --workers run_upstream on "
+        "PostgreSQL + Redis), simulators in processes of their own, this process the API client: the time from POST "
+        "/api/v1/tasks to the prompt in an idle server's queue, then tasks per second through the whole lifecycle "
+        "(submit, dispatch, run, outputs copied) over --simulators servers with zero-length nodes, with the counts "
+        "behind it per task: SQL statements and channel-layer messages of each hub process, HTTP requests to the "
+        "servers, commits (PostgreSQL), CPU time. --old-checkout runs the same against another source tree."
     )
 
     def add_arguments(self, parser):
         parser.add_argument("--samples", type=int, default=50, help="Tasks timed one at a time for the latency")
         parser.add_argument("--tasks", type=int, default=400, help="Tasks pushed through the simulators at once")
         parser.add_argument("--simulators", type=int, default=8, help="Simulators for the throughput run")
+        parser.add_argument("--sim-processes", type=int, default=2, help="Processes the simulators run in")
+        parser.add_argument("--workers", type=int, default=1, help="run_upstream processes (PostgreSQL + Redis)")
+        parser.add_argument("--concurrency", type=int, default=8, help="Submissions in flight at once")
+        parser.add_argument("--old-checkout", help="Source tree of the old hub (git worktree add PATH COMMIT)")
 
-    def handle(self, samples, tasks, simulators, **options):
-        old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
-        try:
-            with tempfile.TemporaryDirectory() as media, override_settings(MEDIA_ROOT=media):
-                self.report(samples, tasks, simulators)
-        finally:
-            connection.creation.destroy_test_db(old_name, verbosity=0)
-
-    def report(self, samples, count, simulator_count):
-        load_demo_workflows()
-        user = get_user_model().objects.create_user("bench")
-        _, token = ApiToken.issue(user)
-        client = Client(HTTP_AUTHORIZATION=f"Bearer {token}")
-        layer = settings.CHANNEL_LAYERS["default"]["BACKEND"].rsplit(".", 1)[-1]
-        self.stdout.write(f"database: {connection.vendor}; channel layer: {layer}")
-
-        def submit(color):
-            reply = client.post(
-                "/api/v1/tasks", {"workflow": "fast", "inputs": {"color": color}}, content_type="application/json"
-            )
-            assert reply.status_code == 201, reply.content  # noqa: S101  (a benchmark that measured nothing is a bug)
-            return reply.json()["id"]
-
-        with ExitStack() as stack:
-            sims = [stack.enter_context(SimulatorThread(time_scale=0)) for _ in range(max(1, simulator_count))]
-            first = Server.objects.create(name="bench-1", base_url=sims[0].url)
-            with SupervisorThread(tick=1.0) as hub:
-                wait(lambda: hub.supervisor.connections.get(first.pk) and hub.supervisor.connections[first.pk].online)
-                latencies = []
-                for n in range(samples):
-                    started = datetime.now(UTC)
-                    task_id = submit(n)
-                    accepted = wait(lambda task_id=task_id: Task.objects.get(pk=task_id).accepted_at)
-                    latencies.append((accepted - started).total_seconds() * 1000)
-                    wait(lambda task_id=task_id: Task.objects.get(pk=task_id).is_terminal)
-                self.stdout.write(
-                    f"POST /api/v1/tasks -> prompt in an idle simulator's queue, {samples} tasks: "
-                    f"p50 {percentile(latencies, 50):.1f} ms, p99 {percentile(latencies, 99):.1f} ms, "
-                    f"max {max(latencies):.1f} ms"
-                )
-                for n, sim in enumerate(sims[1:], start=2):
-                    Server.objects.create(name=f"bench-{n}", base_url=sim.url)
-                hub.supervisor.wake_threadsafe()
-                wait(lambda: len([c for c in hub.supervisor.connections.values() if c.online]) == len(sims))
-                started = time.monotonic()
-                ids = [submit(10_000 + n) for n in range(count)]
-                submitted = time.monotonic() - started
-                wait(lambda: not Task.objects.filter(pk__in=ids).active().exists(), timeout=600)
-                elapsed = time.monotonic() - started
-            done = Task.objects.filter(pk__in=ids, status="succeeded").count()
-            per_server = {s.name: s.tasks.filter(pk__in=ids).count() for s in Server.objects.all()}
+    def handle(self, **options):
+        if options["samples"] < 1 or options["tasks"] < 1 or options["simulators"] < 1 or options["workers"] < 1:
+            raise CommandError("--samples, --tasks, --simulators and --workers must be at least 1.")
+        self.options = options
+        postgres = connection.vendor == "postgresql" and bool(settings.REDIS_URL)
+        trees = [("new", ROOT)]
+        if options["old_checkout"]:
+            old = Path(options["old_checkout"]).resolve()
+            if not (old / "manage.py").exists():
+                raise CommandError(f"{old} has no manage.py")
+            trees.append(("old", old))
+        layout = "PostgreSQL + Redis" if postgres else "SQLite + in-memory layer"
+        workers = f", {options['workers']} run_upstream" if postgres else " (supervisor inside Daphne)"
         self.stdout.write(
-            f"throughput, {count} tasks over {len(sims)} simulators (zero-length nodes, whole lifecycle): "
-            f"{count / elapsed:.1f} tasks/s "
-            f"({elapsed:.2f} s in all, submissions took {submitted:.2f} s); succeeded {done}/{count}; "
-            f"per server {per_server}"
+            f"{layout}{workers}: {options['samples']} tasks one at a time, then {options['tasks']} tasks over "
+            f"{options['simulators']} simulators (zero-length nodes)"
         )
+        results = []
+        with tempfile.TemporaryDirectory(prefix="comfyhub-bench-engine-") as scratch:
+            for n, (label, tree) in enumerate(trees):
+                self.stdout.write(f"-- {label} ({tree})")
+                self.stdout.flush()
+                figures = self.run_variant(Path(scratch) / f"v{n}", n, tree, postgres)
+                figures["label"] = label
+                results.append(figures)
+                for line in report(figures):
+                    self.stdout.write(f"  {line}")
+                self.stdout.flush()
+        if len(results) > 1:
+            self.stdout.write(table(results))
+
+    def run_variant(self, scratch, n, tree, postgres):
+        scratch.mkdir(parents=True)
+        self.tree, self.scratch, self.processes, self.names = tree, scratch, [], []
+        env = {**os.environ, "MEDIA_ROOT": str(scratch / "media"), "LOG_LEVEL": "WARNING",
+               "COMFYHUB_TASK_LOG_LEVEL": "WARNING", "COMFYHUB_USER_MAX_QUEUED": "100000",
+               "COMFYHUB_USER_MAX_IN_FLIGHT": "0", "BENCH_GC_FILE": str(scratch / "gc"),
+               "BENCH_COUNTS_FILE": str(scratch / "counts")}
+        env.pop("COMFYHUB_EMBEDDED_SUPERVISOR", None)
+        if postgres:
+            db_url = create_database(f"bench_engine_{os.getpid()}_{n}")
+            env.update(DATABASE_URL=db_url, REDIS_URL=settings.REDIS_URL, REDIS_PREFIX=f"benche{os.getpid()}v{n}")
+        else:
+            env.pop("REDIS_URL", None)
+            db_url = env["DATABASE_URL"] = f"sqlite:///{scratch / 'hub.sqlite3'}"
+        (scratch / "shim").mkdir()
+        (scratch / "shim" / "sitecustomize.py").write_text(GC_PAUSES + COUNTS)
+        env["PYTHONPATH"] = f"{tree}{os.pathsep}{scratch / 'shim'}"
+        self.env = env
+        opts = self.options
+        sims = SimulatorProcesses(opts["simulators"], opts["sim_processes"], time_scale=0, cwd=ROOT)
+        database = None
+        try:
+            self.manage("migrate", "--verbosity", "0")
+            token = json.loads(self.manage("shell", "-c", SETUP.format(urls=sims.urls)).strip().splitlines()[-1])
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            if postgres:
+                hubs = [self.start("serve", "--port", str(port), "--no-supervisor")]
+                hubs += [self.start("run_upstream") for _ in range(opts["workers"])]
+            else:
+                hubs = [self.start("serve", "--port", str(port))]
+            wait_until(lambda: healthy(base), 60, "the hub to start", error=CommandError)
+            database = Database(db_url)
+            online = "SELECT count(*) FROM servers_server WHERE enabled AND state = 'online'"
+            wait_until(lambda: database.one(online)[0] >= 1, 60, "the first server online", error=CommandError)
+            figures = asyncio.run(self.load(base, token, database, hubs, postgres, len(sims.urls)))
+            figures["postgres"], figures["workers"] = postgres, opts["workers"] if postgres else 0
+            return figures
+        finally:
+            for process in self.processes:
+                stop(process)
+            sims.stop()
+            if database is not None:
+                database.close()
+            if postgres:
+                drop_database(db_url)
+
+    async def load(self, base, token, database, hubs, postgres, servers):
+        opts = self.options
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as client:
+
+            async def submit(color):
+                reply = await client.post("/api/v1/tasks", json={"workflow": "fast", "inputs": {"color": color}})
+                if reply.status_code != 201:
+                    raise CommandError(f"a submission was refused: {reply.status_code} {reply.text[:300]}")
+                return reply.json()["id"]
+
+            async def until(sql, *params, interval=0.002, timeout=60.0):
+                deadline = time.monotonic() + timeout
+                while True:
+                    row = database.one(sql, *params)
+                    if row and row[0]:
+                        return row[0]
+                    if time.monotonic() > deadline:
+                        raise CommandError(f"timed out waiting for {sql}")
+                    await asyncio.sleep(interval)
+
+            latencies = []
+            for n in range(opts["samples"]):
+                started = time.time()
+                task_id = row_id(await submit(n), postgres)
+                accepted = await until("SELECT accepted_at FROM tasks_task WHERE id = ?", task_id)
+                latencies.append((stamp(accepted) - started) * 1000)
+                await until("SELECT finished_at FROM tasks_task WHERE id = ?", task_id)
+
+            database.all("UPDATE servers_server SET enabled = ?", True)
+            online = "SELECT count(*) = ? FROM servers_server WHERE enabled AND state = 'online'"
+            await until(online, servers, interval=0.05)
+            before = self.snapshot(database, hubs)
+            gate = asyncio.Semaphore(opts["concurrency"])
+
+            async def one(color):
+                async with gate:
+                    return await submit(color)
+
+            # The tasks of the latency part have all ended: the throughput part's are the ones created after.
+            after_latency = database.one("SELECT max(created_at) FROM tasks_task")[0]
+            started = time.time()
+            await asyncio.gather(*(one(10_000 + n) for n in range(opts["tasks"])))
+            submitted = time.time() - started
+            ended = "SELECT count(*) >= ? FROM tasks_task WHERE status IN (?, ?, ?) AND created_at > ?"
+            await until(ended, opts["tasks"], *TERMINAL, after_latency, interval=0.05, timeout=600)
+            after = self.snapshot(database, hubs)
+            last = database.one("SELECT max(finished_at) FROM tasks_task")[0]
+            statuses = dict(database.all(
+                "SELECT status, count(*) FROM tasks_task WHERE created_at > ? GROUP BY status", after_latency
+            ))
+        return {"latencies": latencies, "elapsed": stamp(last) - started, "submitted": submitted,
+                "statuses": statuses, "tasks": opts["tasks"], "servers": servers, "before": before, "after": after,
+                "rss": {name: rss(process.pid) for name, process in zip(self.names, hubs, strict=True)}}
+
+    def snapshot(self, database, hubs):
+        time.sleep(0.6)  # the shims write twice a second
+        return {"counts": read_counts(self.scratch / "counts"), "commits": database.commits(),
+                "cpu": [cpu_seconds(process.pid) for process in hubs]}
+
+    def manage(self, *args):
+        reply = subprocess.run(  # noqa: S603
+            [sys.executable, "manage.py", *args], cwd=self.tree, env=self.env, capture_output=True, text=True,
+            timeout=300,
+        )
+        if reply.returncode:
+            raise CommandError(f"manage.py {args[0]} failed: {reply.stderr[-2000:]}")
+        return reply.stdout
+
+    def start(self, *args):
+        log = open(self.scratch / f"{args[0]}-{len(self.processes)}.log", "w")  # noqa: SIM115
+        process = subprocess.Popen(  # noqa: S603
+            [sys.executable, "manage.py", *args], cwd=self.tree, env=self.env, stdout=log, stderr=log
+        )
+        self.processes.append(process)
+        self.names.append(f"{args[0]}-{len(self.processes)}")
+        return process
 
 
-def wait(predicate, timeout=60.0):
-    return wait_until(predicate, timeout, "the benchmark's hub", interval=0.002)
+def row_id(task_id, postgres):
+    """A task id as its table holds it: Django keeps UUIDs as 32 hex digits on SQLite."""
+    return task_id if postgres else task_id.replace("-", "")
+
+
+def stamp(value):
+    """Epoch seconds of a timestamp as the database gave it (datetime from PostgreSQL, UTC text from SQLite)."""
+    if isinstance(value, str):
+        return datetime.fromisoformat(value).replace(tzinfo=UTC).timestamp()
+    return value.timestamp()
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summarize(f):
+    tasks = f["tasks"]
+    before, after = f["before"], f["after"]
+    s = {
+        "latency_p50": percentile(f["latencies"], 50), "latency_p99": percentile(f["latencies"], 99),
+        "latency_n": len(f["latencies"]), "throughput": tasks / f["elapsed"], "elapsed": f["elapsed"],
+        "submitted": f["submitted"], "succeeded": f["statuses"].get("succeeded", 0), "tasks": tasks,
+        "servers": f["servers"],
+    }
+    for command, label in (("serve", "daphne"), ("run_upstream", "upstream")):
+        now, then = after["counts"].get(command), before["counts"].get(command)
+        if now and then:
+            for key in ("sql", "layer", "http"):
+                s[f"{label}_{key}"] = (now[key] - then[key]) / tasks
+    if before["commits"] is not None:
+        s["commits"] = (after["commits"] - before["commits"]) / tasks
+    cpu = [(end - start) for start, end in zip(before["cpu"], after["cpu"], strict=True)]
+    s["cpu_daphne"] = cpu[0] * 1000 / tasks
+    s["cpu_workers"] = sum(cpu[1:]) * 1000 / tasks if len(cpu) > 1 else None
+    s["http"] = s.get("upstream_http", s.get("daphne_http", float("nan")))
+    s.setdefault("upstream_sql", float("nan"))
+    s.setdefault("upstream_layer", float("nan"))
+    s["cpu_workers"] = float("nan") if s["cpu_workers"] is None else s["cpu_workers"]
+    s["rss"] = ", ".join(f"{name} {kib / 1024:.0f} MiB" for name, kib in f["rss"].items())
+    return s
+
+
+def report(f):
+    s = summarize(f)
+    embedded = not f["postgres"]
+    nan = float("nan")
+    lines = [
+        f"submit -> prompt in an idle server's queue: p50 {s['latency_p50']:.1f} ms, p99 {s['latency_p99']:.1f} ms "
+        f"({s['latency_n']} tasks one at a time)",
+        f"throughput: {s['throughput']:.1f} tasks/s ({s['succeeded']} of {s['tasks']} succeeded over {s['servers']} "
+        f"servers in {s['elapsed']:.2f} s; the submissions took {s['submitted']:.2f} s)",
+    ]
+    if embedded:
+        lines.append(
+            f"a task, Daphne with the supervisor inside: {s.get('daphne_sql', nan):.1f} SQL statements, "
+            f"{s.get('daphne_layer', nan):.1f} channel-layer messages, {s.get('daphne_http', nan):.1f} "
+            f"HTTP requests to the servers, {s['cpu_daphne']:.1f} ms of CPU"
+        )
+    else:
+        lines += [
+            f"a task, API (Daphne): {s.get('daphne_sql', nan):.1f} SQL statements, "
+            f"{s.get('daphne_layer', nan):.1f} channel-layer messages, {s['cpu_daphne']:.1f} ms of CPU",
+            f"a task, supervisor ({f['workers']} run_upstream): {s.get('upstream_sql', nan):.1f} SQL "
+            f"statements, {s.get('upstream_layer', nan):.1f} channel-layer messages, "
+            f"{s.get('upstream_http', nan):.1f} HTTP requests to the servers, {s['cpu_workers']:.1f} ms of "
+            f"CPU; {s['commits']:.1f} commits (PostgreSQL, every process)",
+        ]
+    lines.append(f"memory after the run: {s['rss']}")
+    return lines
+
+
+ROWS = [
+    ("submit -> server queue p50 / p99 (ms)", "{latency_p50:.1f} / {latency_p99:.1f}"),
+    ("throughput (tasks/s)", "{throughput:.1f}"),
+    ("succeeded", "{succeeded}/{tasks}"),
+    ("SQL statements a task: Daphne / workers", "{daphne_sql:.1f} / {upstream_sql:.1f}"),
+    ("commits a task", "{commits:.1f}"),
+    ("HTTP requests to servers a task", "{http:.1f}"),
+    ("layer messages a task: Daphne / workers", "{daphne_layer:.1f} / {upstream_layer:.1f}"),
+    ("CPU ms a task: Daphne / workers", "{cpu_daphne:.1f} / {cpu_workers:.1f}"),
+]
+
+
+def table(results):
+    summaries = [summarize(f) for f in results]
+    lines = ["| figure | " + " | ".join(f["label"] for f in results) + " |", "|---" * (len(results) + 1) + "|"]
+    for name, fmt in ROWS:
+        cells = []
+        for s in summaries:
+            try:
+                cells.append(fmt.format(**s))
+            except (KeyError, TypeError, ValueError):
+                cells.append("–")
+        if any(cell != "–" for cell in cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
