@@ -179,10 +179,14 @@ def claim(task_id, server, holder=None):
 
 def pin_affinity(task, server):
     """Pin the task's uploads and exact graph to `server` while the owner's tasks that use them are pending."""
-    expires = timezone.now() + timedelta(seconds=settings.COMFYHUB["AFFINITY_SECONDS"])
-    for key in affinity_keys(task):
-        Lock.objects.update_or_create(
-            purpose=LockPurpose.AFFINITY,
-            key=key,
-            defaults={"owner": f"user:{task.owner_id}", "server": server, "expires_at": expires},
-        )
+    now = timezone.now()
+    expires = now + timedelta(seconds=settings.COMFYHUB["AFFINITY_SECONDS"])
+    pins = [
+        Lock(purpose=LockPurpose.AFFINITY, key=key, owner=f"user:{task.owner_id}", server=server, acquired_at=now,
+             expires_at=expires)
+        for key in affinity_keys(task)
+    ]  # fmt: skip
+    # One statement for all of them: INSERT … ON CONFLICT (purpose, key) DO UPDATE.
+    Lock.objects.bulk_create(
+        pins, update_conflicts=True, unique_fields=["purpose", "key"], update_fields=["owner", "server", "expires_at"]
+    )

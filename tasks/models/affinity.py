@@ -22,10 +22,25 @@ def affinity_keys(task):
 
 
 def release_affinity(task):
-    """Release the affinity locks of a finished task that no other active task of its owner still needs."""
+    """
+    Release the affinity locks of a finished task that no other active task of its owner still needs. Asked by
+    key, so the cost does not grow with the owner's queue: the graph's through the indexed hash, the uploads'
+    among the owner's active tasks that use any upload at all (their bindings only).
+    """
     keys = set(affinity_keys(task))
     if not keys:
         return 0
-    for other in type(task).objects.active().filter(owner_id=task.owner_id).exclude(pk=task.pk):
-        keys -= set(affinity_keys(other))
+    others = type(task).objects.active().filter(owner_id=task.owner_id).exclude(pk=task.pk)
+    graph_key = f"graph:{task.owner_id}:{task.graph_hash}"
+    if graph_key in keys and others.filter(graph_hash=task.graph_hash).exists():
+        keys.discard(graph_key)
+    uploads = {key for key in keys if key.startswith("upload:")}
+    if uploads:
+        for bindings in others.exclude(image_inputs=[]).values_list("image_inputs", flat=True).iterator():
+            uploads -= {f"upload:{binding['upload']}" for binding in bindings}
+            if not uploads:
+                break
+        keys = {key for key in keys if not key.startswith("upload:")} | uploads
+    if not keys:
+        return 0
     return Lock.objects.filter(purpose=LockPurpose.AFFINITY, key__in=keys).delete()[0]
