@@ -183,12 +183,15 @@ class Task(models.Model):
         if match_prompt:
             rows = rows.filter(prompt_id=self.prompt_id)
         old_server_id, old_prompt_id, from_status = self.server_id, self.prompt_id, self.status
-        with transaction.atomic():
+        # No savepoint: inside a caller's transaction (a claim, storing outputs) a failure here fails that too.
+        with transaction.atomic(savepoint=False):
             won = rows.update(**changes) == 1
             if won:
                 for key, value in changes.items():
                     setattr(self, key, value)
-                self.refresh_from_db(fields=["attempts", "progress"])
+                computed = [key for key, value in changes.items() if hasattr(value, "resolve_expression")]
+                if computed:
+                    self.refresh_from_db(fields=computed)  # F("attempts") + 1: what the row holds now
                 TaskEvent.objects.create(
                     task=self,
                     kind=kind,
