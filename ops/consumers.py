@@ -9,7 +9,7 @@ from django.contrib.auth import get_user_model
 from django.template.loader import render_to_string
 
 from ops.dashboard import dashboard
-from tasks.progress import OPS_GROUP
+from tasks.progress import OPS_GROUP, dashboard_open
 from tasks.sockets import SignedInSocket
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,10 @@ class OpsConsumer(SignedInSocket):
 
     async def refresh(self):
         while True:
+            try:
+                await dashboard_open()  # so that status changes are announced to the ops group meanwhile
+            except Exception:
+                logger.warning("could not tell the other processes that a dashboard is open", exc_info=True)
             await asyncio.sleep(REFRESH_SECONDS)
             self.mark_dirty()
 

@@ -146,6 +146,17 @@ def fresh_channel_layer():
 
 
 @pytest.fixture(autouse=True)
+def fresh_ops_news():
+    """Each test starts with no dashboard known to be open and no ops.update sent in the last second."""
+    from django.core.cache import cache
+
+    from tasks import progress
+
+    cache.delete(progress.DASHBOARDS_KEY)
+    progress._ops_news.update(sent_at=float("-inf"), checked_at=float("-inf"), watched=False)
+
+
+@pytest.fixture(autouse=True)
 def media_root(settings, tmp_path):
     settings.MEDIA_ROOT = tmp_path / "media"
     return settings.MEDIA_ROOT

@@ -13,6 +13,7 @@ from django.test import Client
 
 from ops import consumers
 from ops.routing import websocket_urlpatterns
+from tasks import progress
 from tasks.models import TaskStatus
 from tasks.progress import aemit_ops_update
 from tests.conftest import ws_connect, ws_frames
@@ -144,3 +145,38 @@ async def test_an_open_dashboard_follows_progress_without_a_status_change(operat
     later = await frames(socket, wait=0.6)
     assert later and 'value="64"' in later[-1]
     await socket.disconnect()
+
+
+async def test_the_pool_is_announced_only_while_a_dashboard_is_open_and_at_most_once_a_second(monkeypatch):
+    sent = []
+
+    class Layer:
+        async def group_send(self, group, message):
+            sent.append((group, message["type"]))
+
+    monkeypatch.setattr("tasks.progress.get_channel_layer", Layer)
+    await aemit_ops_update("task")
+    assert sent == []  # nobody watches: nothing goes out
+    monkeypatch.setattr("tasks.progress.OPS_UPDATE_SECONDS", 0.3)
+    await progress.dashboard_open()
+    for _ in range(5):
+        await aemit_ops_update("task")
+    assert sent == [("ops", "ops.update")]
+    await asyncio.sleep(0.35)
+    await aemit_ops_update("task")
+    assert len(sent) == 2
+
+
+async def test_a_dashboard_open_in_another_process_is_seen_through_the_cache(monkeypatch):
+    from django.core.cache import cache
+
+    sent = []
+
+    class Layer:
+        async def group_send(self, group, message):
+            sent.append(group)
+
+    monkeypatch.setattr("tasks.progress.get_channel_layer", Layer)
+    await cache.aset(progress.DASHBOARDS_KEY, True, 10)  # what the other process's dashboard wrote
+    await aemit_ops_update("server")
+    assert sent == ["ops"]
