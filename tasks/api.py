@@ -108,7 +108,7 @@ def iso(value):
     return value.isoformat() if value else None
 
 
-def task_json(task, request=None):
+def task_json(task, request=None, outputs=None):
     """The task as its owner sees it. Only staff see error details raw: they may hold tracebacks and server URLs."""
     outputs = [
         {
@@ -120,7 +120,7 @@ def task_json(task, request=None):
             "node_id": out.node_id,
             "url": reverse("api-output", args=[out.pk]),
         }
-        for out in task.outputs.all()
+        for out in (task.outputs.all() if outputs is None else outputs)
     ]
     return {
         "id": str(task.pk),
@@ -202,8 +202,10 @@ def tasks_collection(request):
             return error(403, "forbidden", str(exc))
         except QuotaExceeded as exc:
             return error(429, "too_many_tasks", str(exc))
+        if created:  # as it was just written: no server, no outputs yet
+            return JsonResponse(task_json(task, request, outputs=()), status=201)
         task = user_tasks(request.user).get(pk=task.pk)
-        return JsonResponse(task_json(task, request), status=201 if created else 200)
+        return JsonResponse(task_json(task, request), status=200)
     tasks = user_tasks(request.user)
     status = request.GET.get("status")
     if status:
