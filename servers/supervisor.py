@@ -45,6 +45,7 @@ class Supervisor:
         self.failover_seconds = conf["FAILOVER_SECONDS"]
         self.horizon = 50  # queued tasks per user the planner looks at
         self.next_watchdog = 0.0
+        self.next_manage = 0.0
         self.policy = policy  # "fair" (servers/dispatch.py) or "naive", for comparison in bench_pool
         self.turn = 0
         self.http_timeout = 30.0
@@ -114,8 +115,12 @@ class Supervisor:
 
     async def step(self):
         # Each part on its own: one failing (for whatever task or server) must not skip the others.
-        async with contained("managing the connections"):
-            await self.manage_connections()
+        # The leases and the wanted connections once a tick, not on every wake-up: a submission's wake-up waits
+        # only for the plan and the claim.
+        if time.monotonic() >= self.next_manage:
+            self.next_manage = time.monotonic() + self.tick
+            async with contained("managing the connections"):
+                await self.manage_connections()
         async with contained("dispatch"):
             await self.dispatch()
         async with contained("processing cancel requests"):
