@@ -15,6 +15,7 @@ from django.template.loader import render_to_string
 from tasks.live import PREVIEW, PROGRESS, redraw_live, render_fact
 from tasks.models import TERMINAL_STATUSES, TaskStatus
 from tasks.progress import user_group
+from tasks.queue import queue_positions
 from tasks.sockets import SignedInSocket
 from tasks.submission import user_tasks
 
@@ -280,6 +281,7 @@ def render_updates(user, pending):
     from tasks.views import row_context
 
     tasks = {str(task.pk): task for task in user_tasks(user).filter(pk__in=list(pending))}
+    positions = queue_positions(tasks.values())
     parts = []
     for task_id, entry in pending.items():
         task = tasks.get(task_id)
@@ -287,7 +289,7 @@ def render_updates(user, pending):
             continue  # not this user's (never expected: the group is the user's own) or deleted
         if entry.get("live") and task.status == TaskStatus.RUNNING:
             task.live_fact = entry["live"]  # newer than the progress the database has
-        context = row_context(task, oob=not entry["created"])
+        context = row_context(task, positions=positions, oob=not entry["created"])
         row = render_to_string("tasks/task_list.html#task-row", context)
         if entry["created"]:
             parts.append((("new", task_id), f'<div hx-swap-oob="afterbegin:#task-list">{row}</div>'))

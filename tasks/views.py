@@ -21,6 +21,7 @@ from tasks import outputs
 from tasks.forms import WorkflowForm
 from tasks.models import ACTIVE_STATUSES, DOWNLOAD_TYPE, INLINE_TYPES, TaskOutput, TaskStatus, Upload, Workflow
 from tasks.params import BindingError
+from tasks.queue import queue_positions
 from tasks.submission import QuotaExceeded, create_task, user_tasks
 
 STATUS_FILTERS = ["active", *TaskStatus.values]
@@ -94,8 +95,10 @@ def for_display(task, viewer=None):
     return task
 
 
-def row_context(task, viewer=None, **extra):
-    return {"task": for_display(task, viewer), "position": task.queue_position(), **extra}
+def row_context(task, viewer=None, positions=None, **extra):
+    """What a task's row shows; `positions` from `queue_positions()` of all the rows of a page, when it has many."""
+    positions = queue_positions([task]) if positions is None else positions
+    return {"task": for_display(task, viewer), "position": positions.get(task.pk), **extra}
 
 
 @require_GET
@@ -152,7 +155,8 @@ def task_list(request):
         else:
             tasks = tasks.filter(status=status)
     page = Paginator(tasks, PAGE_SIZE).get_page(request.GET.get("page"))
-    rows = [row_context(task, request.user) for task in page.object_list]
+    positions = queue_positions(page.object_list)
+    rows = [row_context(task, request.user, positions) for task in page.object_list]
     context = {"page": page, "rows": rows, "status": status, "filters": STATUS_FILTERS}
     return render(request, "tasks/task_list.html", context)
 

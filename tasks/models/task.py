@@ -140,32 +140,6 @@ class Task(models.Model):
         """Time since the task was created, or from creation to its end."""
         return (self.finished_at or timezone.now()) - self.created_at
 
-    def queue_position(self):
-        """
-        1 for the next task the dispatcher will take; None if not queued. Dispatch takes turns between users
-        (servers/dispatch.py), so ahead of this task are: every queued task of a higher priority, this user's
-        own earlier tasks (k - 1 of them), and up to k tasks of each other user at this priority (k - 1 for
-        users who have waited less). An estimate: tasks on servers and new arrivals change the turns.
-        """
-        if self.status != TaskStatus.QUEUED:
-            return None
-        queued = Task.objects.queued()
-        higher = queued.filter(priority__gt=self.priority).count()
-        mine = queued.filter(owner_id=self.owner_id, priority=self.priority, created_at__lt=self.created_at).count()
-        rank = mine + 1
-        level = queued.filter(priority=self.priority)
-        my_oldest = level.filter(owner_id=self.owner_id).aggregate(oldest=models.Min("created_at"))["oldest"]
-        if my_oldest is None:
-            return None  # it left the queue since this object was loaded
-        others = (
-            level.exclude(owner_id=self.owner_id)
-            .values("owner_id")
-            .annotate(n=models.Count("pk"), oldest=models.Min("created_at"))
-        )
-        # In each round the user waiting longest goes first.
-        ahead = sum(min(row["n"], rank if row["oldest"] < my_oldest else rank - 1) for row in others)
-        return higher + mine + ahead + 1
-
     # --- transitions --------------------------------------------------------------------------------------
     # Each is a conditional UPDATE; a count of 0 means another worker (or another signal for the same
     # task) got there first, and the caller must treat the transition as already done by someone else.

@@ -3,12 +3,15 @@ import re
 
 import pytest
 from django.core.files.storage import default_storage
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from PIL import Image
 
 from servers.models import Server
 from tasks import outputs
 from tasks.models import Task, TaskOutput, TaskStatus, Upload
+from tasks.queue import queue_positions
 
 pytestmark = pytest.mark.django_db
 
@@ -313,5 +316,25 @@ def test_the_queue_position_follows_the_turns_users_take(alice, bob, workflows):
     batch = [Task.objects.create(owner=alice, workflow=workflows["fast"], graph={}) for _ in range(5)]
     single = Task.objects.create(owner=bob, workflow=workflows["fast"], graph={})
     # Bob's task comes after alice's first, not after all five of hers.
-    assert single.queue_position() == 2
-    assert [task.queue_position() for task in batch] == [1, 3, 4, 5, 6]
+    assert queue_positions([single]) == {single.pk: 2}
+    positions = queue_positions([*batch, single])
+    assert [positions[task.pk] for task in batch] == [1, 3, 4, 5, 6]
+
+
+def test_a_higher_priority_goes_first_and_a_task_that_left_the_queue_has_no_position(alice, bob, workflows):
+    mine = [Task.objects.create(owner=alice, workflow=workflows["fast"], graph={}) for _ in range(2)]
+    urgent = Task.objects.create(owner=bob, workflow=workflows["fast"], graph={}, priority=5)
+    assert queue_positions([*mine, urgent]) == {urgent.pk: 1, mine[0].pk: 2, mine[1].pk: 3}
+    Task.objects.filter(pk=mine[0].pk).update(status=TaskStatus.RUNNING)  # the page read it just before
+    assert queue_positions(mine) == {mine[1].pk: 2}
+
+
+def test_a_page_of_queued_tasks_shows_their_positions_in_a_few_queries(alice, bob, alice_browser, workflows):
+    Task.objects.bulk_create([Task(owner=bob, workflow=workflows["fast"], graph={}) for _ in range(30)])
+    for _ in range(40):
+        Task.objects.create(owner=alice, workflow=workflows["fast"], graph={})
+    with CaptureQueriesContext(connection) as queries:
+        page = alice_browser.get("/tasks/").content.decode()
+    # Her first goes after bob's first; her 40th after 39 of her own and all 30 of his.
+    assert "#2 in the queue" in page and "#70 in the queue" in page
+    assert len(queries) < 20, [query["sql"][:80] for query in queries]
