@@ -136,19 +136,25 @@ def fail_unrunnable(found, slots, result):
 
 
 def record_waiting(found, result):
-    """Tell the owners of queued tasks why they wait, when that changed (and clear it when it no longer holds)."""
+    """
+    Tell the owners of queued tasks why they wait, when that changed (and clear it when it no longer holds): one
+    UPDATE for all the tasks that now wait for the same reason.
+    """
     from tasks.progress import emit_task_update
 
     sent = {candidate.task_id for candidate, _, _ in result.sends}
+    changed = defaultdict(list)  # reason -> candidates
     for candidate in found:
-        if candidate.task_id in sent:
-            continue
         reason = result.waiting.get(candidate.task_id, "")
-        if reason == candidate.extra.get("waiting_reason", ""):
-            continue
-        if Task.objects.filter(pk=candidate.task_id, status=TaskStatus.QUEUED).update(waiting_reason=reason):
-            task = Task.objects.get(pk=candidate.task_id)
-            transaction.on_commit(lambda task=task: emit_task_update(task))
+        if candidate.task_id not in sent and reason != candidate.extra.get("waiting_reason", ""):
+            changed[reason].append(candidate)
+    for reason, candidates in changed.items():
+        ids = [candidate.task_id for candidate in candidates]
+        if Task.objects.filter(pk__in=ids, status=TaskStatus.QUEUED).update(waiting_reason=reason):
+            for candidate in candidates:
+                # What the owner's feed needs to read the row again; one claimed meanwhile is read as it is now.
+                task = Task(pk=candidate.task_id, owner_id=candidate.owner_id, status=TaskStatus.QUEUED)
+                transaction.on_commit(lambda task=task: emit_task_update(task))
 
 
 def claim(task_id, server, holder=None):
