@@ -58,7 +58,8 @@ class Supervisor:
 
     def wake_threadsafe(self):
         if self.loop is not None and self.wake is not None:
-            self.loop.call_soon_threadsafe(self.wake.set)
+            with contextlib.suppress(RuntimeError):  # its loop has ended and closed: there is nothing to wake
+                self.loop.call_soon_threadsafe(self.wake.set)
 
     async def run(self):
         self.loop = asyncio.get_running_loop()
@@ -90,8 +91,13 @@ class Supervisor:
     def stop(self):
         self.stopping = True
         if self._stopped is not None:
-            self.loop.call_soon_threadsafe(self._stopped.set)
-            self.wake_threadsafe()
+            # One callback for both: once _stopped is set the loop may end, and close, before a second one came.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._stop_now)
+
+    def _stop_now(self):
+        self._stopped.set()
+        self.wake.set()
 
     async def shutdown(self):
         connections, self.connections = list(self.connections.values()), {}
