@@ -10,7 +10,13 @@ Each shim writes what it measured to `<file>-<command>` twice a second; `read_sh
 """
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+from django.conf import settings
+from django.core.management.base import CommandError
 
 from comfyhub.harness import database_url
 
@@ -113,6 +119,34 @@ def read_counts(prefix):
     return found
 
 
+def source_trees(root, old_checkout):
+    """[("new", root)], and ("old", path) for --old-checkout: the trees a benchmark runs, in that order."""
+    trees = [("new", root)]
+    if old_checkout:
+        old = Path(old_checkout).resolve()
+        if not (old / "manage.py").exists():
+            raise CommandError(f"{old} has no manage.py")
+        trees.append(("old", old))
+    return trees
+
+
+def hub_environment(scratch, tree, name, postgres, **extra):
+    """
+    (environment, database URL) of a throw-away hub of `tree`: files in `scratch`, quiet logs, on PostgreSQL + Redis
+    a database `name` of its own (drop it with drop_database) and a Redis prefix of its own, else SQLite.
+    """
+    env = {**os.environ, "MEDIA_ROOT": str(scratch / "media"), "LOG_LEVEL": "WARNING",
+           "COMFYHUB_TASK_LOG_LEVEL": "WARNING", "PYTHONPATH": str(tree), **extra}
+    env.pop("COMFYHUB_EMBEDDED_SUPERVISOR", None)
+    if postgres:
+        db_url = create_database(name)
+        env.update(DATABASE_URL=db_url, REDIS_URL=settings.REDIS_URL, REDIS_PREFIX=name.replace("_", ""))
+    else:
+        env.pop("REDIS_URL", None)
+        db_url = env["DATABASE_URL"] = f"sqlite:///{scratch / 'hub.sqlite3'}"
+    return env, db_url
+
+
 def create_database(name):
     import psycopg
 
@@ -137,3 +171,28 @@ def rss(pid):
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+class TreeCommands:
+    """
+    For a benchmark command: `manage.py` commands of the source tree `self.tree`, with `self.env`, run to the end
+    (`manage`) or started in the background (`start`, logged in `self.scratch`, kept in `self.processes`).
+    """
+
+    def manage(self, *args):
+        reply = subprocess.run(  # noqa: S603
+            [sys.executable, "manage.py", *args], cwd=self.tree, env=self.env, capture_output=True, text=True,
+            timeout=300,
+        )
+        if reply.returncode:
+            raise CommandError(f"manage.py {args[0]} failed: {reply.stderr[-2000:]}")
+        return reply.stdout
+
+    def start(self, *args):
+        log = open(self.scratch / f"{args[0]}-{len(self.processes)}.log", "w")  # noqa: SIM115
+        process = subprocess.Popen(  # noqa: S603
+            [sys.executable, "manage.py", *args], cwd=self.tree, env=self.env, stdout=log, stderr=log
+        )
+        self.processes.append(process)
+        process.label = f"{args[0]}-{len(self.processes)}"
+        return process

@@ -2,8 +2,6 @@ import asyncio
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -14,7 +12,16 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
-from bench.hubs import COUNTS, GC_PAUSES, create_database, drop_database, read_counts, rss
+from bench.hubs import (
+    COUNTS,
+    GC_PAUSES,
+    TreeCommands,
+    drop_database,
+    hub_environment,
+    read_counts,
+    rss,
+    source_trees,
+)
 from bench.simulators import SimulatorProcesses
 from comfyhub.harness import free_port, healthy, percentile, stop, wait_until
 
@@ -67,7 +74,7 @@ class Database:
         self.conn.close()
 
 
-class Command(BaseCommand):
+class Command(TreeCommands, BaseCommand):
     help = (
         "The task engine on throw-away hubs in processes of their own (Daphne, and --workers run_upstream on "
         "PostgreSQL + Redis), simulators in processes of their own, this process the API client: the time from POST "
@@ -91,12 +98,7 @@ class Command(BaseCommand):
             raise CommandError("--samples, --tasks, --simulators and --workers must be at least 1.")
         self.options = options
         postgres = connection.vendor == "postgresql" and bool(settings.REDIS_URL)
-        trees = [("new", ROOT)]
-        if options["old_checkout"]:
-            old = Path(options["old_checkout"]).resolve()
-            if not (old / "manage.py").exists():
-                raise CommandError(f"{old} has no manage.py")
-            trees.append(("old", old))
+        trees = source_trees(ROOT, options["old_checkout"])
         layout = "PostgreSQL + Redis" if postgres else "SQLite + in-memory layer"
         workers = f", {options['workers']} run_upstream" if postgres else " (supervisor inside Daphne)"
         self.stdout.write(
@@ -119,18 +121,12 @@ class Command(BaseCommand):
 
     def run_variant(self, scratch, n, tree, postgres):
         scratch.mkdir(parents=True)
-        self.tree, self.scratch, self.processes, self.names = tree, scratch, [], []
-        env = {**os.environ, "MEDIA_ROOT": str(scratch / "media"), "LOG_LEVEL": "WARNING",
-               "COMFYHUB_TASK_LOG_LEVEL": "WARNING", "COMFYHUB_USER_MAX_QUEUED": "100000",
-               "COMFYHUB_USER_MAX_IN_FLIGHT": "0", "BENCH_GC_FILE": str(scratch / "gc"),
-               "BENCH_COUNTS_FILE": str(scratch / "counts")}
-        env.pop("COMFYHUB_EMBEDDED_SUPERVISOR", None)
-        if postgres:
-            db_url = create_database(f"bench_engine_{os.getpid()}_{n}")
-            env.update(DATABASE_URL=db_url, REDIS_URL=settings.REDIS_URL, REDIS_PREFIX=f"benche{os.getpid()}v{n}")
-        else:
-            env.pop("REDIS_URL", None)
-            db_url = env["DATABASE_URL"] = f"sqlite:///{scratch / 'hub.sqlite3'}"
+        self.tree, self.scratch, self.processes = tree, scratch, []
+        env, db_url = hub_environment(
+            scratch, tree, f"bench_engine_{os.getpid()}_{n}", postgres, COMFYHUB_USER_MAX_QUEUED="100000",
+            COMFYHUB_USER_MAX_IN_FLIGHT="0", BENCH_GC_FILE=str(scratch / "gc"),
+            BENCH_COUNTS_FILE=str(scratch / "counts"),
+        )  # fmt: skip
         (scratch / "shim").mkdir()
         (scratch / "shim" / "sitecustomize.py").write_text(GC_PAUSES + COUNTS)
         env["PYTHONPATH"] = f"{tree}{os.pathsep}{scratch / 'shim'}"
@@ -219,30 +215,12 @@ class Command(BaseCommand):
             ))
         return {"latencies": latencies, "elapsed": stamp(last) - started, "submitted": submitted,
                 "statuses": statuses, "tasks": opts["tasks"], "servers": servers, "before": before, "after": after,
-                "rss": {name: rss(process.pid) for name, process in zip(self.names, hubs, strict=True)}}
+                "rss": {process.label: rss(process.pid) for process in hubs}}
 
     def snapshot(self, database, hubs):
         time.sleep(0.6)  # the shims write twice a second
         return {"counts": read_counts(self.scratch / "counts"), "commits": database.commits(),
                 "cpu": [cpu_seconds(process.pid) for process in hubs]}
-
-    def manage(self, *args):
-        reply = subprocess.run(  # noqa: S603
-            [sys.executable, "manage.py", *args], cwd=self.tree, env=self.env, capture_output=True, text=True,
-            timeout=300,
-        )
-        if reply.returncode:
-            raise CommandError(f"manage.py {args[0]} failed: {reply.stderr[-2000:]}")
-        return reply.stdout
-
-    def start(self, *args):
-        log = open(self.scratch / f"{args[0]}-{len(self.processes)}.log", "w")  # noqa: SIM115
-        process = subprocess.Popen(  # noqa: S603
-            [sys.executable, "manage.py", *args], cwd=self.tree, env=self.env, stdout=log, stderr=log
-        )
-        self.processes.append(process)
-        self.names.append(f"{args[0]}-{len(self.processes)}")
-        return process
 
 
 def row_id(task_id, postgres):

@@ -3,8 +3,6 @@ import gc
 import json
 import os
 import secrets
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +13,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
 from bench import live_load
-from bench.hubs import GC_PAUSES, create_database, drop_database, rss
+from bench.hubs import GC_PAUSES, TreeCommands, create_database, drop_database, rss, source_trees
 from bench.live_report import report, table
 from bench.simulators import SimulatorProcesses
 from comfyhub.harness import free_port, healthy, stop, wait_until
@@ -141,7 +139,7 @@ if os.environ.get("BENCH_PROFILE") and sys.argv[1:2] and sys.argv[1] in ("serve"
 """
 
 
-class Command(BaseCommand):
+class Command(TreeCommands, BaseCommand):
     help = (
         "The live path under load, on throw-away hubs: --tasks txt2img tasks running at once on as many simulated "
         "servers (one task each, in processes of their own) while --users x --sockets-per-user browser sockets "
@@ -179,12 +177,7 @@ class Command(BaseCommand):
             raise CommandError("--users and --tasks must be at least 1.")
         self.options = options
         postgres = connection.vendor == "postgresql" and bool(settings.REDIS_URL)
-        trees = [("new", ROOT)]
-        if options["old_checkout"]:
-            old = Path(options["old_checkout"]).resolve()
-            if not (old / "manage.py").exists():
-                raise CommandError(f"{old} has no manage.py")
-            trees.append(("old", old))
+        trees = source_trees(ROOT, options["old_checkout"])
         variants = []
         for label, tree in trees:
             layers = options["layers"].split(",") if postgres and label == "new" else [None]
@@ -372,20 +365,3 @@ class Command(BaseCommand):
         stats.sort_stats("tottime").print_stats(25)
         stats.sort_stats("cumulative").print_stats(40)
         self.stdout.write(f"profile of {path.stem} (main thread):\n{out.getvalue()}")
-
-    def manage(self, *args):
-        reply = subprocess.run(  # noqa: S603
-            [sys.executable, "manage.py", *args], cwd=self.tree, env=self.env, capture_output=True, text=True,
-            timeout=300,
-        )
-        if reply.returncode:
-            raise CommandError(f"manage.py {args[0]} failed: {reply.stderr[-2000:]}")
-        return reply.stdout
-
-    def start(self, *args):
-        log = open(self.scratch / f"{args[0]}-{len(self.processes)}.log", "w")  # noqa: SIM115
-        process = subprocess.Popen(  # noqa: S603
-            [sys.executable, "manage.py", *args], cwd=self.tree, env=self.env, stdout=log, stderr=log
-        )
-        self.processes.append(process)
-        return process
