@@ -22,7 +22,8 @@ class Command(BaseCommand):
         "Every benchmark in one run, for SQLite + the in-memory layer and for PostgreSQL + Redis: the engine "
         "(submit latency, throughput), the live path (20 tasks running, 1,000 browser sockets; progress and preview "
         "latency, frame sizes, event-loop lag, per-task counts) "
-        "and the heterogeneous pool against a naive policy. Each starts its own simulators and hub on a throw-away "
+        "the heterogeneous pool against a naive policy, and tiny jobs through the hub against straight to a server. "
+        "Each starts its own simulators and hub on a throw-away "
         "database. --quick runs smaller sizes."
     )
 
@@ -37,6 +38,7 @@ class Command(BaseCommand):
             ("engine", ["bench_engine", *(["--samples", "20", "--tasks", "100"] if quick else [])]),
             ("live", ["bench_sockets", *(["--quick"] if quick else [])]),
             ("pool", ["bench_pool", *(["--tasks", "80", "--batch", "40", "--unit", "0.5"] if quick else [])]),
+            ("burst", ["bench_burst", *(["--jobs", "20", "--singles", "5"] if quick else [])]),
         ]
         started = time.monotonic()
         failed = 0
