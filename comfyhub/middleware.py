@@ -50,3 +50,13 @@ def refuse_undecodable_text(get_response):
         return HttpResponseBadRequest(f"{message} Field: {field}", content_type="text/plain; charset=utf-8")
 
     return middleware
+
+
+def sync_chain(get_response):
+    """
+    Last in MIDDLEWARE, and sync only on purpose: the views are sync, and with this at the bottom every middleware
+    above it runs in the one thread that runs the view, so a request crosses between Daphne's event loop and
+    that thread three times. Without it Django runs the async-capable middlewares on the loop, and each of
+    their process_request and process_response hops to the thread and back (about a dozen crossings).
+    """
+    return get_response

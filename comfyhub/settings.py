@@ -100,6 +100,8 @@ MIDDLEWARE = [
     "django_htmx.middleware.HtmxMiddleware",
     # Last, as its docs ask: it turns a login that axes refused into the lockout page (comfyhub/lockout.py).
     "axes.middleware.AxesMiddleware",
+    # Sync only, at the bottom: the whole chain runs in the views' thread (comfyhub/middleware.py).
+    "comfyhub.middleware.sync_chain",
 ]
 
 ROOT_URLCONF = "comfyhub.urls"
