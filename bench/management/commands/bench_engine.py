@@ -181,15 +181,20 @@ class Command(TreeCommands, BaseCommand):
                         raise CommandError(f"timed out waiting for {sql}")
                     await asyncio.sleep(interval)
 
-            latencies = []
+            latencies, requests = [], {"submit": [], "status": []}
             # One task first, not timed: the first request of each process imports, compiles and connects.
             await until("SELECT finished_at FROM tasks_task WHERE id = ?", row_id(await submit(0), postgres))
             for n in range(opts["samples"]):
                 started = time.time()
-                task_id = row_id(await submit(n), postgres)
+                api_id = await submit(n)
+                requests["submit"].append((time.time() - started) * 1000)
+                task_id = row_id(api_id, postgres)
                 accepted = await until("SELECT accepted_at FROM tasks_task WHERE id = ?", task_id)
                 latencies.append((stamp(accepted) - started) * 1000)
                 await until("SELECT finished_at FROM tasks_task WHERE id = ?", task_id)
+                asked = time.time()
+                (await client.get(f"/api/v1/tasks/{api_id}")).raise_for_status()  # an idle hub's answer
+                requests["status"].append((time.time() - asked) * 1000)
 
             database.all("UPDATE servers_server SET enabled = ?", True)
             online = "SELECT count(*) = ? FROM servers_server WHERE enabled AND state = 'online'"
@@ -213,7 +218,7 @@ class Command(TreeCommands, BaseCommand):
             statuses = dict(database.all(
                 "SELECT status, count(*) FROM tasks_task WHERE created_at > ? GROUP BY status", after_latency
             ))
-        return {"latencies": latencies, "elapsed": stamp(last) - started, "submitted": submitted,
+        return {"latencies": latencies, "requests": requests, "elapsed": stamp(last) - started, "submitted": submitted,
                 "statuses": statuses, "tasks": opts["tasks"], "servers": servers, "before": before, "after": after,
                 "rss": {process.label: rss(process.pid) for process in hubs}}
 
@@ -246,6 +251,7 @@ def summarize(f):
     before, after = f["before"], f["after"]
     s = {
         "latency_p50": percentile(f["latencies"], 50), "latency_p99": percentile(f["latencies"], 99),
+        "submit_p50": percentile(f["requests"]["submit"], 50), "status_p50": percentile(f["requests"]["status"], 50),
         "latency_n": len(f["latencies"]), "throughput": tasks / f["elapsed"], "elapsed": f["elapsed"],
         "submitted": f["submitted"], "succeeded": f["statuses"].get("succeeded", 0), "tasks": tasks,
         "servers": f["servers"],
@@ -274,7 +280,8 @@ def report(f):
     nan = float("nan")
     lines = [
         f"submit -> prompt in an idle server's queue: p50 {s['latency_p50']:.1f} ms, p99 {s['latency_p99']:.1f} ms "
-        f"({s['latency_n']} tasks one at a time)",
+        f"({s['latency_n']} tasks one at a time); the submission's own request p50 {s['submit_p50']:.1f} ms, a "
+        f"finished task's status GET p50 {s['status_p50']:.1f} ms",
         f"throughput: {s['throughput']:.1f} tasks/s ({s['succeeded']} of {s['tasks']} succeeded over {s['servers']} "
         f"servers in {s['elapsed']:.2f} s; the submissions took {s['submitted']:.2f} s)",
     ]
@@ -299,6 +306,7 @@ def report(f):
 
 ROWS = [
     ("submit -> server queue p50 / p99 (ms)", "{latency_p50:.1f} / {latency_p99:.1f}"),
+    ("POST /api/v1/tasks / GET of a task p50 (ms)", "{submit_p50:.1f} / {status_p50:.1f}"),
     ("throughput (tasks/s)", "{throughput:.1f}"),
     ("succeeded", "{succeeded}/{tasks}"),
     ("SQL statements a task: Daphne / workers", "{daphne_sql:.1f} / {upstream_sql:.1f}"),
