@@ -176,8 +176,9 @@ def claim(task_id, server, holder=None):
         task = rows.select_related("server").first()
         if task is None:
             return None
-        # The conditional UPDATE in bind() is the real guard on every database.
-        if not task.bind(server, str(uuid.uuid4())):
+        # The conditional UPDATE in bind() is the real guard on every database. The row was read in this
+        # transaction (locked on PostgreSQL; SQLite's IMMEDIATE transaction holds the write lock): its count holds.
+        if not task.bind(server, str(uuid.uuid4()), attempts=task.attempts + 1):
             return None
         pin_affinity(task, server)
     return task

@@ -184,8 +184,9 @@ class Task(models.Model):
             transaction.on_commit(lambda: emit_task_update(self))
         return won
 
-    def bind(self, server, prompt_id):
-        """queued → submitted on `server` with a hub-chosen prompt_id, before anything is sent."""
+    def bind(self, server, prompt_id, attempts=None):
+        """queued → submitted on `server` with a hub-chosen prompt_id, before anything is sent. `attempts`: the new
+        count when the caller read the row under the claim's lock (else the row's own, counted up)."""
         return self._transition(
             "submitted",
             [TaskStatus.QUEUED],
@@ -199,7 +200,7 @@ class Task(models.Model):
             accepted_at=None,
             started_at=None,
             progress=0.0,
-            attempts=F("attempts") + 1,
+            attempts=F("attempts") + 1 if attempts is None else attempts,
             waiting_reason="",
         )
 
