@@ -48,8 +48,6 @@ async def aemit_task_update(task, *, created=False):
     except Exception:
         # A push is a hint: the page re-reads the database on load, so a failed push loses nothing.
         logger.exception("could not push the update of task %s", task.pk)
-
-
     await aemit_ops_update("task")
 
 
