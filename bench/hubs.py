@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from django.conf import settings
@@ -187,6 +188,26 @@ class TreeCommands:
         if reply.returncode:
             raise CommandError(f"manage.py {args[0]} failed: {reply.stderr[-2000:]}")
         return reply.stdout
+
+    def run_all(self, variants, prefix, report, table):
+        """
+        Each (label, tree, *more) of `variants` through `self.run_variant(scratch, n, tree, *more)`, its report
+        printed as it ends, then the side-by-side table when there were several. Returns the figures.
+        """
+        results = []
+        with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+            for n, (label, tree, *more) in enumerate(variants):
+                self.stdout.write(f"-- {label} ({tree})")
+                self.stdout.flush()
+                figures = self.run_variant(Path(scratch) / f"v{n}", n, tree, *more)
+                figures["label"] = label
+                results.append(figures)
+                for line in report(figures):
+                    self.stdout.write(f"  {line}")
+                self.stdout.flush()
+        if len(results) > 1:
+            self.stdout.write(table(results))
+        return results
 
     def start(self, *args):
         log = open(self.scratch / f"{args[0]}-{len(self.processes)}.log", "w")  # noqa: SIM115

@@ -67,10 +67,3 @@ def install(full_every=600.0):
     _installed.append(callback)
     gc.collect()  # a full collection: what the process built to start is frozen by the callback
     return callback
-
-
-def uninstall():
-    """Back to the interpreter's own behaviour (tests): nothing frozen, no callback."""
-    while _installed:
-        gc.callbacks.remove(_installed.pop())
-    gc.unfreeze()

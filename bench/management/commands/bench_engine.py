@@ -2,7 +2,6 @@ import asyncio
 import json
 import os
 import sqlite3
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -105,19 +104,7 @@ class Command(TreeCommands, BaseCommand):
             f"{layout}{workers}: {options['samples']} tasks one at a time, then {options['tasks']} tasks over "
             f"{options['simulators']} simulators (zero-length nodes)"
         )
-        results = []
-        with tempfile.TemporaryDirectory(prefix="comfyhub-bench-engine-") as scratch:
-            for n, (label, tree) in enumerate(trees):
-                self.stdout.write(f"-- {label} ({tree})")
-                self.stdout.flush()
-                figures = self.run_variant(Path(scratch) / f"v{n}", n, tree, postgres)
-                figures["label"] = label
-                results.append(figures)
-                for line in report(figures):
-                    self.stdout.write(f"  {line}")
-                self.stdout.flush()
-        if len(results) > 1:
-            self.stdout.write(table(results))
+        self.run_all([(label, tree, postgres) for label, tree in trees], "comfyhub-bench-engine-", report, table)
 
     def run_variant(self, scratch, n, tree, postgres):
         scratch.mkdir(parents=True)

@@ -3,7 +3,6 @@ import gc
 import json
 import os
 import secrets
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
 from bench import live_load
-from bench.hubs import GC_PAUSES, TreeCommands, create_database, drop_database, rss, source_trees
+from bench.hubs import GC_PAUSES, TreeCommands, create_database, drop_database, read_shim_file, rss, source_trees
 from bench.live_report import report, table
 from bench.simulators import SimulatorProcesses
 from comfyhub.harness import free_port, healthy, stop, wait_until
@@ -190,19 +189,8 @@ class Command(TreeCommands, BaseCommand):
             f"(previews: {options['preview_method']}), {options['users']} users x {options['sockets_per_user']} "
             f"sockets; {', '.join(v[0] for v in variants)}"
         )
-        results = []
-        with tempfile.TemporaryDirectory(prefix="comfyhub-bench-sockets-") as scratch:
-            for n, (label, tree, layer) in enumerate(variants):
-                self.stdout.write(f"-- {label} ({tree})")
-                self.stdout.flush()
-                figures = self.run_variant(Path(scratch) / f"v{n}", n, tree, layer, postgres)
-                figures["label"] = label
-                results.append(figures)
-                for line in report(figures):
-                    self.stdout.write(f"  {line}")
-                self.stdout.flush()
-        if len(results) > 1:
-            self.stdout.write(table(results))
+        variants = [(label, tree, layer, postgres) for label, tree, layer in variants]
+        self.run_all(variants, "comfyhub-bench-sockets-", report, table)
 
     # --- one hub, one load ------------------------------------------------------------------------------------
 
@@ -265,7 +253,7 @@ class Command(TreeCommands, BaseCommand):
 
             def from_file(command):
                 path = scratch / f"looplag-{command}"
-                return live_load.lag_buckets(path.read_text() if path.exists() else "")
+                return live_load.lag_buckets(read_shim_file(path))
 
             def lag():
                 if has_monitor:
@@ -277,7 +265,7 @@ class Command(TreeCommands, BaseCommand):
                     daphne = from_file("serve")
                 gc_text = {command: (scratch / f"gc-{command}") for command in ("serve", "run_upstream")}
                 return {"daphne": daphne, "upstream": from_file("run_upstream") if postgres else None,
-                        "gc": {command: live_load.gc_pauses(path.read_text() if path.exists() else "")
+                        "gc": {command: live_load.gc_pauses(read_shim_file(path))
                                for command, path in gc_text.items()}}
 
             figures = {"rss_rest": rss(hub.pid)}
