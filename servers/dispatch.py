@@ -156,16 +156,19 @@ def _names(names):
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def judge_pool(graph, servers):
-    """A PoolVerdict of `graph` over `servers`: (name, capabilities) of every enabled server."""
+def judge_pool(graph, servers, problems=missing_requirements):
+    """
+    A PoolVerdict of `graph` over `servers`: (name, capabilities) of every enabled server. `problems` is
+    missing_requirements or a cache of it.
+    """
     capable, unknown, lacking = [], [], []
     for name, capabilities in servers:
         if not capabilities or "classes" not in capabilities:
             unknown.append(name)
             continue
-        problems = missing_requirements(graph, capabilities)
-        if problems:
-            lacking.append((name, " and ".join(problems)))
+        lacks = problems(graph, capabilities)
+        if lacks:
+            lacking.append((name, " and ".join(lacks)))
         else:
             capable.append(name)
     return PoolVerdict(tuple(capable), tuple(unknown), tuple(lacking))
@@ -186,8 +189,11 @@ def fair_order(candidates, in_flight_by_user):
     return ordered
 
 
-def plan(candidates, slots, in_flight_by_user, *, user_limit=None):
-    """Decide which candidates to send now and where; see the module docstring for the policy."""
+def plan(candidates, slots, in_flight_by_user, *, user_limit=None, problems=missing_requirements):
+    """
+    Decide which candidates to send now and where; see the module docstring for the policy. `problems` is
+    missing_requirements or a cache of it.
+    """
     result = Plan()
     accepting = [slot for slot in slots if slot.accepting]
     load = {slot.server_id: slot.backlog for slot in slots}
@@ -205,9 +211,9 @@ def plan(candidates, slots, in_flight_by_user, *, user_limit=None):
             continue
         capable, reasons = [], []
         for slot in accepting:
-            problems = missing_requirements(candidate.graph, slot.capabilities)
-            if problems:
-                reasons.append(f"{slot.name} lacks {' and '.join(problems)}")
+            lacks = problems(candidate.graph, slot.capabilities)
+            if lacks:
+                reasons.append(f"{slot.name} lacks {' and '.join(lacks)}")
             else:
                 capable.append(slot)
         if not capable:

@@ -6,21 +6,21 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F, Window
-from django.db.models.functions import RowNumber
 from django.utils import timezone
 
-from servers.dispatch import Candidate, Slot, judge_pool, plan, plan_naive
+from servers.backlog import Backlog
+from servers.dispatch import Slot, judge_pool, plan, plan_naive
 from servers.models import ACCEPTING_STATES, Lock, LockPurpose, Server, upstream_key
 from tasks.models import ON_SERVER_STATUSES, Task, TaskStatus, affinity_keys
 
 
-def slots_and_load(local):
+def slots_and_load(local, backlog):
     """
     A Slot per enabled server (`local`: {server pk: Server} of the servers this process holds and can send to
-    now) and the number of tasks each user has on servers.
+    now) and the number of tasks each user has on servers. Capabilities come through `backlog`'s cache.
     """
-    servers = list(Server.objects.enabled())
+    servers = list(Server.objects.enabled().defer("capabilities"))
+    capabilities = backlog.capabilities_of(servers)
     on_server = Task.objects.filter(status__in=ON_SERVER_STATUSES).values_list(
         "server_id", "owner_id", "status", "progress"
     )
@@ -48,7 +48,7 @@ def slots_and_load(local):
                 in_flight=len(tasks),
                 running_left=running_left,
                 backlog=sum(running) + pending + server.foreign_queue,
-                capabilities=server.capabilities,
+                capabilities=capabilities.get(server.pk),
                 local=server.pk in local,
                 # Draining as the row says now, not as this process last copied it: a task queued after an
                 # operator drained the server must not go there.
@@ -58,56 +58,50 @@ def slots_and_load(local):
     return slots, dict(per_user)
 
 
-def candidates(horizon):
-    """The oldest `horizon` queued tasks of each user (a user's later tasks cannot go before these)."""
-    ranked = (
-        Task.objects.queued()
-        .annotate(rank=Window(RowNumber(), partition_by=[F("owner_id")], order_by=[F("created_at"), F("id")]))
-        .filter(rank__lte=horizon)
-        .only("id", "owner_id", "priority", "created_at", "graph", "image_inputs", "graph_hash", "waiting_reason")
-    )
-    tasks = list(ranked)
-    keys = {task.pk: affinity_keys(task) for task in tasks}
-    now = timezone.now()
-    pins = dict(
-        Lock.objects.filter(
-            purpose=LockPurpose.AFFINITY,
-            key__in={key for task_keys in keys.values() for key in task_keys},
-            expires_at__gt=now,
-            server__isnull=False,
-        ).values_list("key", "server_id")
-    )
-    found = []
-    for task in tasks:
-        pinned = next((pins[key] for key in keys[task.pk] if key in pins), None)
-        found.append(
-            Candidate(
-                task_id=task.pk,
-                owner_id=task.owner_id,
-                priority=task.priority,
-                created_at=task.created_at,
-                graph=task.graph,
-                pinned_server=pinned,
-                keys=tuple(keys[task.pk]),
-                extra={"waiting_reason": task.waiting_reason},
-            )
+def pin(found):
+    """Set each candidate's pinned server from the affinity locks of its keys."""
+    keys = {key for candidate in found for key in candidate.keys}
+    pins = {}
+    if keys:
+        pins = dict(
+            Lock.objects.filter(
+                purpose=LockPurpose.AFFINITY, key__in=keys, expires_at__gt=timezone.now(), server__isnull=False
+            ).values_list("key", "server_id")
         )
-    return found
+    for candidate in found:
+        candidate.pinned_server = next((pins[key] for key in candidate.keys if key in pins), None)
 
 
-def make_plan(local, horizon, policy="fair", turn=0):
-    """Snapshot the pool and plan; returns (Plan, turn). Sends go to `local` servers only."""
-    slots, per_user = slots_and_load(local)
-    found = candidates(horizon)
+def make_plan(local, horizon, policy="fair", turn=0, backlog=None):
+    """
+    Snapshot the pool and plan; returns (Plan, turn). Sends go to `local` servers only. `backlog` is the
+    supervisor's queue in memory (servers/backlog.py); without one the queue is read whole.
+
+    A full pass, every Backlog.full_seconds, looks at `horizon` queued tasks of each user, so that every one of
+    them is told why it waits. In between, a pass looks only as deep as the servers have room: a user's tasks
+    beyond that cannot be sent in this pass anyway.
+    """
+    backlog = backlog if backlog is not None else Backlog()
+    backlog.refresh()
+    slots, per_user = slots_and_load(local, backlog)
+    depth = horizon
+    if not backlog.full_pass_due():
+        room = sum(max(0, slot.depth - slot.in_flight) for slot in slots if slot.accepting)
+        depth = min(horizon, room + 1)
+    found = backlog.heads(depth)
+    pin(found)
     if policy == "naive":
         return plan_naive(found, slots, turn)
-    result = plan(found, slots, per_user, user_limit=settings.COMFYHUB["USER_MAX_IN_FLIGHT"] or None)
-    unrunnable = fail_unrunnable(found, slots, result)
+    limit = settings.COMFYHUB["USER_MAX_IN_FLIGHT"] or None
+    result = plan(found, slots, per_user, user_limit=limit, problems=backlog.problems)
+    unrunnable = fail_unrunnable(found, slots, result, backlog.problems)
+    for task_id in unrunnable:
+        backlog.discard(task_id)
     record_waiting([candidate for candidate in found if candidate.task_id not in unrunnable], result)
     return result, turn
 
 
-def fail_unrunnable(found, slots, result):
+def fail_unrunnable(found, slots, result, problems):
     """
     Fail the queued tasks that no enabled server can run: at once when what every server can run is known (the
     same judgement as at submit, reached later: the graph came in while a server was not known yet), and after
@@ -121,7 +115,7 @@ def fail_unrunnable(found, slots, result):
         reason = result.waiting.get(candidate.task_id, "")
         if not reason.startswith(("waiting: no online server can run it", "waiting: no server is online")):
             continue
-        verdict = judge_pool(candidate.graph, servers)
+        verdict = judge_pool(candidate.graph, servers, problems)
         if not (verdict.refused or (verdict.hopeless_for_now and candidate.created_at < deadline)):
             continue
         task = Task.objects.filter(pk=candidate.task_id, status=TaskStatus.QUEUED).first()
@@ -155,6 +149,7 @@ def record_waiting(found, result):
                 # What the owner's feed needs to read the row again; one claimed meanwhile is read as it is now.
                 task = Task(pk=candidate.task_id, owner_id=candidate.owner_id, status=TaskStatus.QUEUED)
                 transaction.on_commit(lambda task=task: emit_task_update(task))
+                candidate.extra["waiting_reason"] = reason
 
 
 def claim(task_id, server, holder=None):

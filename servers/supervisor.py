@@ -22,6 +22,7 @@ from django.db import close_old_connections, connections
 
 from servers import pool, wake
 from servers.aio import db
+from servers.backlog import Backlog
 from servers.connection import Connection
 from servers.guard import contained
 from servers.models import Lock, LockPurpose, Server, ServerState, upstream_key
@@ -44,6 +45,7 @@ class Supervisor:
         self.probe_interval = conf["PROBE_INTERVAL"]
         self.failover_seconds = conf["FAILOVER_SECONDS"]
         self.horizon = 50  # queued tasks per user the planner looks at
+        self.backlog = Backlog()  # the queue in memory (servers/backlog.py)
         self.next_watchdog = 0.0
         self.next_manage = 0.0
         self.policy = policy  # "fair" (servers/dispatch.py) or "naive", for comparison in bench_pool
@@ -175,7 +177,7 @@ class Supervisor:
     async def dispatch(self):
         """Plan over the whole pool (see servers/dispatch.py) and send what falls to this process's servers."""
         local = {pk: conn.server for pk, conn in self.connections.items() if conn.online}
-        result, self.turn = await db(pool.make_plan)(local, self.horizon, self.policy, self.turn)
+        result, self.turn = await db(pool.make_plan)(local, self.horizon, self.policy, self.turn, self.backlog)
         sent = 0
         for candidate, slot, front in result.sends:
             conn = self.connections.get(slot.server_id)
@@ -184,7 +186,13 @@ class Supervisor:
             async with conn.guard(candidate.task_id, "dispatch"):
                 task = await db(pool.claim)(candidate.task_id, conn.server, self.owner)
                 if task is None:
-                    continue  # another worker, or a cancel, got there first
+                    # Another worker, or a cancel, got there first, or the lease lapsed: the backlog looks the
+                    # task up on the next pass, which comes soon, to give its place to the next task (not at once:
+                    # a lapsed lease fails every claim until the connection goes).
+                    self.backlog.doubt(candidate.task_id)
+                    self.loop.call_later(0.02, self.wake.set)
+                    continue
+                self.backlog.discard(candidate.task_id)
                 # Claimed before the send starts, so that no reconciliation pass sends it too.
                 conn.prompts.sending.add(task.prompt_id)
                 conn.background.spawn(conn.send_claimed(task, front=front))

@@ -110,6 +110,8 @@ class Task(models.Model):
                 name="task_active_idx",
                 condition=Q(status__in=["queued", "submitted", "running"]),
             ),
+            # What each supervisor's backlog reads on every pass: queued tasks with a new event (servers/backlog.py).
+            models.Index(fields=["last_event_at"], name="task_queued_idx", condition=Q(status="queued")),
             models.Index(fields=["server", "prompt_id"], name="task_prompt_idx"),
             models.Index(fields=["owner", "-created_at"], name="task_owner_idx"),
             # /metrics and the pool dashboard look at what started or finished in the last hours.
