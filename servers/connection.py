@@ -17,6 +17,7 @@ from servers.guard import step_guard
 from servers.health import Health
 from servers.link import Link
 from servers.models import Lock, LockPurpose, upstream_key
+from servers.pace import Pace
 from servers.previews import Previews
 from servers.prompts import Prompts
 from servers.reconcile import Reconciler
@@ -36,6 +37,7 @@ class Connection:
         owner = getattr(supervisor, "owner", "standalone")
         self.client_id = f"{server.client_id}.{hashlib.sha256(owner.encode()).hexdigest()[:8]}"
         self.prompts = Prompts()
+        self.pace = Pace()
         self.background = Background(server.name)
         self._runner = None
         spawn = self.background.spawn
@@ -143,6 +145,12 @@ class Connection:
 
     async def send_claimed(self, task, front=False):
         await self.sending.send_claimed(task, front=front)
+        if task.accepted_at is not None:
+            self.pace.refilled()
+
+    def depth(self):
+        """The pipeline depth this server needs now (servers/pace.py)."""
+        return self.pace.depth(self.server)
 
     async def resend(self, task, message):
         return await self.sending.resend(task, message)
@@ -157,6 +165,8 @@ class Connection:
         self.reconciler.soon(delay, reason)
 
     def finish_soon(self, task, source):
+        started = task.started_at.timestamp() if task.started_at else None
+        self.pace.ended(started, waiting=bool(len(getattr(self.supervisor, "backlog", ()))))
         self.completion.finish_soon(task, source)
 
     async def finish(self, task, source, entry=None):

@@ -14,11 +14,13 @@ from servers.models import ACCEPTING_STATES, Lock, LockPurpose, Server, upstream
 from tasks.models import ON_SERVER_STATUSES, Task, TaskStatus, affinity_keys
 
 
-def slots_and_load(local, backlog):
+def slots_and_load(local, backlog, depths=None):
     """
     A Slot per enabled server (`local`: {server pk: Server} of the servers this process holds and can send to
-    now) and the number of tasks each user has on servers. Capabilities come through `backlog`'s cache.
+    now) and the number of tasks each user has on servers. Capabilities come through `backlog`'s cache; `depths`
+    are the pipeline depths the local servers need now (servers/pace.py), else their setting.
     """
+    depths = depths or {}
     servers = list(Server.objects.enabled().defer("capabilities"))
     capabilities = backlog.capabilities_of(servers)
     on_server = Task.objects.filter(status__in=ON_SERVER_STATUSES).values_list(
@@ -43,7 +45,7 @@ def slots_and_load(local, backlog):
                 server_id=server.pk,
                 name=server.name,
                 weight=fresh.weight,
-                depth=fresh.effective_depth,
+                depth=depths.get(server.pk, fresh.effective_depth),
                 limit=max(fresh.max_in_flight, 1),
                 in_flight=len(tasks),
                 running_left=running_left,
@@ -72,7 +74,7 @@ def pin(found):
         candidate.pinned_server = next((pins[key] for key in candidate.keys if key in pins), None)
 
 
-def make_plan(local, horizon, policy="fair", turn=0, backlog=None):
+def make_plan(local, horizon, policy="fair", turn=0, backlog=None, depths=None):
     """
     Snapshot the pool and plan; returns (Plan, turn). Sends go to `local` servers only. `backlog` is the
     supervisor's queue in memory (servers/backlog.py); without one the queue is read whole.
@@ -83,7 +85,7 @@ def make_plan(local, horizon, policy="fair", turn=0, backlog=None):
     """
     backlog = backlog if backlog is not None else Backlog()
     backlog.refresh()
-    slots, per_user = slots_and_load(local, backlog)
+    slots, per_user = slots_and_load(local, backlog, depths)
     depth = horizon
     if not backlog.full_pass_due():
         room = sum(max(0, slot.depth - slot.in_flight) for slot in slots if slot.accepting)

@@ -176,8 +176,12 @@ class Supervisor:
 
     async def dispatch(self):
         """Plan over the whole pool (see servers/dispatch.py) and send what falls to this process's servers."""
-        local = {pk: conn.server for pk, conn in self.connections.items() if conn.online}
-        result, self.turn = await db(pool.make_plan)(local, self.horizon, self.policy, self.turn, self.backlog)
+        online = {pk: conn for pk, conn in self.connections.items() if conn.online}
+        local = {pk: conn.server for pk, conn in online.items()}
+        depths = {pk: conn.depth() for pk, conn in online.items()}
+        result, self.turn = await db(pool.make_plan)(
+            local, self.horizon, self.policy, self.turn, self.backlog, depths=depths
+        )
         sent = 0
         for candidate, slot, front in result.sends:
             conn = self.connections.get(slot.server_id)
