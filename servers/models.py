@@ -216,6 +216,8 @@ class LockPurpose(models.TextChoices):
     """Which worker process holds a server's upstream websocket and submits its tasks."""
     AFFINITY = "affinity", "affinity"
     """Pins a user's related steps to one server while they are pending."""
+    WORKER = "worker", "worker presence"
+    """A supervisor process that runs, renewed every tick: the workers split the servers between them."""
 
 
 def upstream_key(server_pk):

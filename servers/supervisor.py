@@ -10,6 +10,7 @@ the socket of a given server and submits its tasks. Request handlers wake it thr
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -19,6 +20,7 @@ import uuid
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import close_old_connections, connections
+from django.utils import timezone
 
 from servers import pool, wake
 from servers.aio import db
@@ -104,7 +106,8 @@ class Supervisor:
     async def shutdown(self):
         connections, self.connections = list(self.connections.values()), {}
         await asyncio.gather(*(conn.stop() for conn in connections), return_exceptions=True)
-        await db(lambda: Lock.objects.filter(purpose=LockPurpose.UPSTREAM, owner=self.owner).delete())()
+        # Its leases and its presence (affinity locks belong to users, never to a worker).
+        await db(lambda: Lock.objects.filter(owner=self.owner).delete())()
         logger.info("upstream supervisor %s stopped", self.owner)
 
     async def listen(self):
@@ -146,14 +149,24 @@ class Supervisor:
                 logger.warning("watchdog: %s", action)
 
     async def manage_connections(self):
+        """
+        Renew the leases of this process's servers and take free ones, up to its share of the pool: the enabled
+        servers divided by the workers running. Over its share (a worker joined), it hands one server a tick
+        back, one with nothing being sent, so that the newcomer takes it (and adopts its tasks) at once rather
+        than when a lease expires. A worker that leaves deletes its leases (shutdown), so the others take them.
+        """
         servers = await db(lambda: list(Server.objects.enabled()))()
+        share = await db(self.fair_share)(len(servers))
         wanted = {}
-        for server in servers:
+        for server in sorted(servers, key=lambda server: server.pk not in self.connections):  # held ones first
+            if server.pk not in self.connections and len(wanted) >= share:
+                continue
             held = await db(Lock.acquire)(
                 LockPurpose.UPSTREAM, upstream_key(server.pk), self.owner, self.lease_seconds, server=server
             )
             if held:
                 wanted[server.pk] = server
+        handed = self.hand_back(wanted, share)
         for pk in list(self.connections):
             conn = self.connections[pk]
             fresh = wanted.get(pk)
@@ -163,6 +176,9 @@ class Supervisor:
             else:
                 for name in ("max_in_flight", "pipeline_depth", "weight", "draining", "name"):
                     setattr(conn.server, name, getattr(fresh, name))
+        if handed is not None:
+            await db(Lock.release)(LockPurpose.UPSTREAM, upstream_key(handed), self.owner)
+            logger.info("%s: handed server %s to another worker (share %d)", self.owner, handed, share)
         for pk, server in wanted.items():
             if pk not in self.connections:
                 conn = Connection(self, server)
@@ -173,6 +189,23 @@ class Supervisor:
         )()
         for server in disabled:
             await db(server.set_state)(ServerState.DISABLED)
+
+    def fair_share(self, servers):
+        """Renew this worker's presence; the number of servers it may hold: its share of `servers`."""
+        Lock.acquire(LockPurpose.WORKER, f"worker:{self.owner}", self.owner, self.lease_seconds)
+        workers = Lock.objects.filter(purpose=LockPurpose.WORKER, expires_at__gt=timezone.now()).count()
+        return math.ceil(servers / max(workers, 1))
+
+    def hand_back(self, wanted, share):
+        """Over its share, take one server out of `wanted` (the one with least in flight, nothing being sent)."""
+        if len(wanted) <= share:
+            return None
+        idle = [pk for pk in wanted if pk in self.connections and not self.connections[pk].prompts.sending]
+        if not idle:
+            return None
+        pk = min(idle, key=lambda pk: len(self.connections[pk].prompts.tasks))
+        del wanted[pk]
+        return pk
 
     async def dispatch(self):
         """Plan over the whole pool (see servers/dispatch.py) and send what falls to this process's servers."""
