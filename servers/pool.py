@@ -1,5 +1,6 @@
 """The database side of dispatch: what the planner is told about servers and queued tasks, and the claim."""
 
+import time
 import uuid
 from collections import defaultdict
 from datetime import timedelta
@@ -154,15 +155,16 @@ def record_waiting(found, result):
                 candidate.extra["waiting_reason"] = reason
 
 
-def claim(task_id, server, holder=None):
+def claim(task_id, server, holder=None, margin=0.0):
     """
     Bind a planned task to `server`; None when another worker (or a cancel) got to it first, or when `holder`
-    (the worker's lease owner) no longer holds the server's upstream lease: a worker that was frozen past its
-    lease must not hand work to a server another worker now follows.
+    (the worker's lease owner) does not hold the server's upstream lease for `margin` seconds more: a worker that
+    was frozen past its lease must not hand work to a server another worker now follows. The task remembers when
+    the lease was seen (`lease_seen`, monotonic), so that the send right after need not ask again.
     """
     with transaction.atomic():
         if holder is not None:
-            lease = Lock.held(LockPurpose.UPSTREAM, upstream_key(server.pk), holder)
+            lease = Lock.held(LockPurpose.UPSTREAM, upstream_key(server.pk), holder, margin)
             if connection.vendor == "postgresql":
                 lease = lease.select_for_update()  # a takeover waits for this claim, and sees the task bound
             if lease.first() is None:
@@ -177,6 +179,7 @@ def claim(task_id, server, holder=None):
         # transaction (locked on PostgreSQL; SQLite's IMMEDIATE transaction holds the write lock): its count holds.
         if not task.bind(server, str(uuid.uuid4()), attempts=task.attempts + 1):
             return None
+        task.lease_seen = time.monotonic() if holder is not None else None
         pin_affinity(task, server)
     return task
 

@@ -12,6 +12,7 @@ from servers.comfy import ComfyError, ComfyRejected, ComfyUnavailable
 from tasks.models import Task, TaskStatus, Upload
 
 logger = logging.getLogger(__name__)
+LEASE_SEEN_SECONDS = 0.5  # a lease seen held for a third of its length this recently is still held
 
 
 class Sending:
@@ -59,7 +60,10 @@ class Sending:
             # The last moment to find out that the lease lapsed: the new holder sends the task (it is bound to this
             # server) unless the POST below reaches the server before that holder's first reconciliation, which
             # the margin (a third of the lease) leaves ample time for.
-            if not await self.holds_lease(margin=self.lease_margin):
+            # The claim saw the lease with the same margin a moment ago: asking again would only repeat it.
+            seen = getattr(task, "lease_seen", None)
+            fresh = seen is not None and time.monotonic() - seen < LEASE_SEEN_SECONDS
+            if not fresh and not await self.holds_lease(margin=self.lease_margin):
                 logger.warning("%s: lease lapsed; leaving task %s to the new holder", self.server.name, task.pk)
                 await db(task.record)("handed_over", f"not sent: this worker's lease on {self.server.name} lapsed")
                 prompts.forget(prompt_id)

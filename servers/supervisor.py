@@ -50,6 +50,8 @@ class Supervisor:
         self.backlog = Backlog()  # the queue in memory (servers/backlog.py)
         self.next_watchdog = 0.0
         self.next_manage = 0.0
+        self.next_cancels = 0.0
+        self.cancel_news = False  # a cancel was requested since cancels were last looked for
         self.policy = policy  # "fair" (servers/dispatch.py) or "naive", for comparison in bench_pool
         self.turn = 0
         self.http_timeout = 30.0
@@ -60,10 +62,14 @@ class Supervisor:
         self._listener = None
         self.stopping = False
 
-    def wake_threadsafe(self):
+    def wake_threadsafe(self, cancel=False):
         if self.loop is not None and self.wake is not None:
             with contextlib.suppress(RuntimeError):  # its loop has ended and closed: there is nothing to wake
-                self.loop.call_soon_threadsafe(self.wake.set)
+                self.loop.call_soon_threadsafe(self.woken, cancel)
+
+    def woken(self, cancel=False):
+        self.cancel_news = self.cancel_news or cancel
+        self.wake.set()
 
     async def run(self):
         self.loop = asyncio.get_running_loop()
@@ -116,8 +122,8 @@ class Supervisor:
         await layer.group_add(wake.SUPERVISOR_GROUP, channel)
         while True:
             try:
-                await layer.receive(channel)
-                self.wake.set()
+                message = await layer.receive(channel)
+                self.woken(bool(message.get("cancel")))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -134,8 +140,12 @@ class Supervisor:
                 await self.manage_connections()
         async with contained("dispatch"):
             await self.dispatch()
-        async with contained("processing cancel requests"):
-            await self.process_cancels()
+        # Cancel requests when one was announced, and once a tick (one whose announcement was lost, or came
+        # before this process started): not on every wake-up.
+        if self.cancel_news or time.monotonic() >= self.next_cancels:
+            self.cancel_news, self.next_cancels = False, time.monotonic() + self.tick
+            async with contained("processing cancel requests"):
+                await self.process_cancels()
         if time.monotonic() >= self.next_watchdog:
             self.next_watchdog = time.monotonic() + settings.COMFYHUB["WATCHDOG_INTERVAL"]
             async with contained("the watchdog"):
@@ -221,7 +231,7 @@ class Supervisor:
             if conn is None or not conn.online:
                 continue
             async with conn.guard(candidate.task_id, "dispatch"):
-                task = await db(pool.claim)(candidate.task_id, conn.server, self.owner)
+                task = await db(pool.claim)(candidate.task_id, conn.server, self.owner, self.lease_seconds / 3)
                 if task is None:
                     # Another worker, or a cancel, got there first, or the lease lapsed: the backlog looks the
                     # task up on the next pass, which comes soon, to give its place to the next task (not at once:

@@ -220,7 +220,9 @@ class Tracking:
         # The newest progress lands before completion takes over (a failed task keeps where it stopped); nothing
         # is pushed after this point, so the finished row is the last thing its windows get.
         tracker.push.close()
-        if task.prompt_id not in self.prompts.finishing:
+        if source in ("execution_success", "executing node null"):
+            tracker.write.close()  # it succeeded: completion writes 1.0, and a finished row shows no step
+        elif task.prompt_id not in self.prompts.finishing:
             await tracker.write.flush()
         self.finish_soon(task, source)
 

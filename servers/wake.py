@@ -20,7 +20,7 @@ _subscribers = []
 
 
 def subscribe(callback):
-    """`callback()` (thread-safe, quick) is called on every notify_work() of this process."""
+    """`callback(cancel)` (thread-safe, quick) is called on every notify_work() of this process."""
     _subscribers.append(callback)
 
 
@@ -29,12 +29,16 @@ def unsubscribe(callback):
         _subscribers.remove(callback)
 
 
-def notify_work():
-    """Tell every supervisor that there is new work. Supervisors also look every second: a lost call only delays."""
+def notify_work(cancel=False):
+    """
+    Tell every supervisor that there is new work; `cancel`: a cancel request, which supervisors otherwise look for
+    once a tick. Supervisors also look every second: a lost call only delays.
+    """
     for callback in list(_subscribers):
-        callback()
+        callback(cancel)
     if not _subscribers and settings.REDIS_URL:
         try:
-            async_to_sync(get_channel_layer().group_send)(SUPERVISOR_GROUP, {"type": "supervisor.wake"})
+            message = {"type": "supervisor.wake", "cancel": cancel}
+            async_to_sync(get_channel_layer().group_send)(SUPERVISOR_GROUP, message)
         except Exception:
             logger.exception("could not wake the supervisors")

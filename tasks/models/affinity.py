@@ -6,6 +6,8 @@ is pending (servers/pool.py pins them), so that ComfyUI's cache and the copied i
 import hashlib
 import json
 
+from django.db.models import Exists
+
 from servers.models import Lock, LockPurpose
 
 
@@ -31,16 +33,18 @@ def release_affinity(task):
     if not keys:
         return 0
     others = type(task).objects.active().filter(owner_id=task.owner_id).exclude(pk=task.pk)
+    locks = Lock.objects.filter(purpose=LockPurpose.AFFINITY)
+    released = 0
     graph_key = f"graph:{task.owner_id}:{task.graph_hash}"
-    if graph_key in keys and others.filter(graph_hash=task.graph_hash).exists():
-        keys.discard(graph_key)
+    if graph_key in keys:
+        # One statement: DELETE … WHERE NOT EXISTS (another active task of the owner with the same graph).
+        released += locks.filter(key=graph_key).filter(~Exists(others.filter(graph_hash=task.graph_hash))).delete()[0]
     uploads = {key for key in keys if key.startswith("upload:")}
     if uploads:
         for bindings in others.exclude(image_inputs=[]).values_list("image_inputs", flat=True).iterator():
             uploads -= {f"upload:{binding['upload']}" for binding in bindings}
             if not uploads:
                 break
-        keys = {key for key in keys if not key.startswith("upload:")} | uploads
-    if not keys:
-        return 0
-    return Lock.objects.filter(purpose=LockPurpose.AFFINITY, key__in=keys).delete()[0]
+        if uploads:
+            released += locks.filter(key__in=uploads).delete()[0]
+    return released

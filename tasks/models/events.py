@@ -1,4 +1,6 @@
-from django.db import models
+from django.db import connections, models
+from django.db.models.signals import post_save
+from django.db.models.sql import UpdateQuery
 from django.utils import timezone
 
 from servers.models import Server
@@ -23,3 +25,44 @@ class TaskEvent(models.Model):
 
     def __str__(self):
         return f"{self.kind} {self.from_status}→{self.to_status}"
+
+
+def update_and_record(rows, changes, event):
+    """
+    The conditional UPDATE of a transition (`changes` to the one row of `rows`) and, when it won, the INSERT of its
+    `event` (an unsaved TaskEvent without its task): True when it won. On PostgreSQL both are one statement (a
+    data-modifying WITH), so a transition costs one round trip and no transaction of its own; elsewhere they are
+    two, in the caller's transaction.
+    """
+    connection = connections[rows.db]
+    if connection.vendor != "postgresql":
+        if rows.update(**changes) != 1:
+            return False
+        event.save(using=rows.db)
+        return True
+    query = rows.query.chain(UpdateQuery)
+    query.add_update_values(changes)
+    compiler = query.get_compiler(rows.db)
+    compiler.pre_sql_setup()
+    update_sql, update_params = compiler.as_sql()
+    fields = [field for field in TaskEvent._meta.concrete_fields if not field.primary_key and field.name != "task"]
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(field.column) for field in fields)
+    values = [field.get_db_prep_save(field.pre_save(event, add=True), connection) for field in fields]
+    table, task_table = quote(TaskEvent._meta.db_table), quote(rows.model._meta.db_table)
+    # Only quoted names and Django's own compiled UPDATE are put in the text; every value is a parameter.
+    marks = ", ".join(["%s"] * len(fields))
+    statement = " ".join((
+        f"WITH moved AS ({update_sql} RETURNING {task_table}.{quote('id')})",
+        f"INSERT INTO {table} ({quote('task_id')}, {columns})",
+        f"SELECT moved.{quote('id')}, {marks} FROM moved RETURNING {table}.{quote('id')}",  # noqa: S608
+    ))
+    with connection.cursor() as cursor:
+        cursor.execute(statement, (*update_params, *values))
+        row = cursor.fetchone()
+    if row is None:
+        return False
+    event.pk = row[0]
+    event._state.adding, event._state.db = False, rows.db
+    post_save.send(sender=TaskEvent, instance=event, created=True, update_fields=None, raw=False, using=rows.db)
+    return True

@@ -1,9 +1,10 @@
 """The task and its state machine: every transition a conditional UPDATE that says whether it won, with its event."""
 
+import contextlib
 import uuid
 
 from django.conf import settings
-from django.db import models, transaction
+from django.db import connection, models, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -11,7 +12,7 @@ from servers.models import Server, StalePrompt
 from servers.wake import notify_work
 from tasks.fields import JSONField
 from tasks.models.affinity import release_affinity
-from tasks.models.events import TaskEvent
+from tasks.models.events import TaskEvent, update_and_record
 
 
 class TaskStatus(models.TextChoices):
@@ -159,25 +160,29 @@ class Task(models.Model):
         if match_prompt:
             rows = rows.filter(prompt_id=self.prompt_id)
         old_server_id, old_prompt_id, from_status = self.server_id, self.prompt_id, self.status
-        # No savepoint: inside a caller's transaction (a claim, storing outputs) a failure here fails that too.
-        with transaction.atomic(savepoint=False):
-            won = rows.update(**changes) == 1
+        server = changes.get("server")
+        event = TaskEvent(
+            task_id=self.pk,
+            kind=kind,
+            from_status=from_status,
+            to_status=changes.get("status", self.status),
+            server_id=(server.pk if server is not None else None) or self.server_id or old_server_id,
+            prompt_id=changes.get("prompt_id") or self.prompt_id or old_prompt_id or "",
+            message=message,
+            detail=detail or {},
+        )
+        computed = [key for key, value in changes.items() if hasattr(value, "resolve_expression")]
+        # One statement on PostgreSQL needs no transaction of its own; two do. No savepoint: inside a caller's
+        # transaction (a claim, storing outputs) a failure here fails that too.
+        alone = connection.vendor == "postgresql" and not computed
+        with contextlib.nullcontext() if alone else transaction.atomic(savepoint=False):
+            won = update_and_record(rows, changes, event)
             if won:
                 for key, value in changes.items():
                     setattr(self, key, value)
-                computed = [key for key, value in changes.items() if hasattr(value, "resolve_expression")]
+                event.task = self
                 if computed:
                     self.refresh_from_db(fields=computed)  # F("attempts") + 1: what the row holds now
-                TaskEvent.objects.create(
-                    task=self,
-                    kind=kind,
-                    from_status=from_status,
-                    to_status=self.status,
-                    server_id=self.server_id or old_server_id,
-                    prompt_id=self.prompt_id or old_prompt_id or "",
-                    message=message,
-                    detail=detail or {},
-                )
         if won:
             from tasks.progress import emit_task_update
 
@@ -378,7 +383,7 @@ class Task(models.Model):
         ).update(cancel_requested_at=timezone.now())
         if updated:
             self.record("cancel_requested", "cancel requested")
-            transaction.on_commit(notify_work)
+            transaction.on_commit(lambda: notify_work(cancel=True))
         return True
 
     def record(self, kind, message="", detail=None, *, server=None, prompt_id=None, touch=True):
