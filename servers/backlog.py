@@ -28,10 +28,11 @@ from servers.dispatch import MODEL_EXTENSIONS, Candidate, missing_requirements
 from servers.models import Server
 from tasks.models import Task, TaskStatus, affinity_keys
 
-REBUILD_SECONDS = 10.0
+REBUILD_SECONDS = 30.0
 FULL_SECONDS = 5.0
 MARGIN = timedelta(seconds=2)
 FIELDS = ("id", "owner_id", "priority", "created_at", "waiting_reason", "graph_hash", "image_inputs")
+LIGHT = ("id", "owner_id", "priority", "created_at")  # what a rebuild reads of a task already known
 CHUNK = 2000
 
 
@@ -63,17 +64,18 @@ class Backlog:
 
     def rebuild(self):
         mark = timezone.now()
-        rows = list(Task.objects.queued().values_list(*FIELDS))
         known = self.entries
         self.entries, self.lines = {}, defaultdict(list)
         unknown = []
-        for row in rows:
-            entry = known.get(row[0])
-            if entry is None:
-                unknown.append(row)
+        for task_id, owner_id, priority, created_at in Task.objects.queued().values_list(*LIGHT).iterator(CHUNK):
+            entry = known.get(task_id)
+            if entry is None or entry.owner_id != owner_id:
+                unknown.append(task_id)
             else:
-                self._add(row, entry.graph)
-        self._load(unknown)
+                entry.priority, entry.created_at = priority, created_at
+                self._put(entry)
+        for start in range(0, len(unknown), CHUNK):
+            self._load(list(Task.objects.filter(pk__in=unknown[start : start + CHUNK]).values_list(*FIELDS)))
         self.recheck.clear()
         self.mark = mark
         self.next_rebuild = time.monotonic() + self.rebuild_seconds
@@ -104,11 +106,15 @@ class Backlog:
     def _add(self, row, requirements):
         task_id, owner_id, priority, created_at, waiting_reason, graph_hash, image_inputs = row
         keys = affinity_keys(SimpleNamespace(owner_id=owner_id, graph_hash=graph_hash, image_inputs=image_inputs))
-        self.entries[task_id] = Candidate(
+        self._put(Candidate(
             task_id=task_id, owner_id=owner_id, priority=priority, created_at=created_at, graph=requirements,
             keys=tuple(keys), extra={"waiting_reason": waiting_reason},
-        )  # fmt: skip
-        bisect.insort(self.lines[(priority, owner_id)], (created_at, str(task_id), task_id))
+        ))  # fmt: skip
+
+    def _put(self, entry):
+        self.entries[entry.task_id] = entry
+        place = (entry.created_at, str(entry.task_id), entry.task_id)
+        bisect.insort(self.lines[(entry.priority, entry.owner_id)], place)
 
     def discard(self, task_id):
         """The task left the queue (claimed, failed, gone)."""

@@ -62,13 +62,15 @@ def slots_and_load(local, backlog, depths=None):
 
 
 def pin(found):
-    """Set each candidate's pinned server from the affinity locks of its keys."""
-    keys = {key for candidate in found for key in candidate.keys}
+    """
+    Set each candidate's pinned server from the affinity locks. All unexpired ones are read: there are as many as
+    tasks on servers use an upload or share a graph, not as many as are queued.
+    """
     pins = {}
-    if keys:
+    if any(candidate.keys for candidate in found):
         pins = dict(
             Lock.objects.filter(
-                purpose=LockPurpose.AFFINITY, key__in=keys, expires_at__gt=timezone.now(), server__isnull=False
+                purpose=LockPurpose.AFFINITY, expires_at__gt=timezone.now(), server__isnull=False
             ).values_list("key", "server_id")
         )
     for candidate in found:
