@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import uuid
+from datetime import timedelta
 
 from channels.layers import get_channel_layer
 from django.conf import settings
@@ -165,17 +166,8 @@ class Supervisor:
         back, one with nothing being sent, so that the newcomer takes it (and adopts its tasks) at once rather
         than when a lease expires. A worker that leaves deletes its leases (shutdown), so the others take them.
         """
-        servers = await db(lambda: list(Server.objects.enabled()))()
-        share = await db(self.fair_share)(len(servers))
-        wanted = {}
-        for server in sorted(servers, key=lambda server: server.pk not in self.connections):  # held ones first
-            if server.pk not in self.connections and len(wanted) >= share:
-                continue
-            held = await db(Lock.acquire)(
-                LockPurpose.UPSTREAM, upstream_key(server.pk), self.owner, self.lease_seconds, server=server
-            )
-            if held:
-                wanted[server.pk] = server
+        servers, share, held = await db(self.lease_servers)(set(self.connections))
+        wanted = {server.pk: server for server in servers if server.pk in held}
         handed = self.hand_back(wanted, share)
         for pk in list(self.connections):
             conn = self.connections[pk]
@@ -191,6 +183,7 @@ class Supervisor:
             logger.info("%s: handed server %s to another worker (share %d)", self.owner, handed, share)
         for pk, server in wanted.items():
             if pk not in self.connections:
+                server = await db(Server.objects.get)(pk=pk)  # with its capabilities, which the tick does not read
                 conn = Connection(self, server)
                 self.connections[pk] = conn
                 conn.start()
@@ -199,6 +192,35 @@ class Supervisor:
         )()
         for server in disabled:
             await db(server.set_state)(ServerState.DISABLED)
+
+    def lease_servers(self, mine):
+        """
+        (the enabled servers, read without their capabilities; this worker's share of them; the pks whose lease it
+        holds now). The leases of `mine`, the servers it follows, are renewed in one statement; free servers are
+        taken while it holds less than its share.
+        """
+        servers = list(Server.objects.enabled().defer("capabilities"))
+        share = self.fair_share(len(servers))
+        keys = {upstream_key(server.pk): server.pk for server in servers if server.pk in mine}
+        held = set()
+        if keys:
+            # Its own lease, expired or not, as Lock.acquire renews it; one taken over is not renewed.
+            renewed = Lock.objects.filter(purpose=LockPurpose.UPSTREAM, key__in=keys, owner=self.owner).update(
+                expires_at=timezone.now() + timedelta(seconds=self.lease_seconds)
+            )
+            if renewed == len(keys):
+                held = set(keys.values())
+            else:
+                still = Lock.objects.filter(purpose=LockPurpose.UPSTREAM, key__in=keys, owner=self.owner)
+                held = {keys[key] for key in still.values_list("key", flat=True)}
+        for server in servers:
+            if len(held) >= share:
+                break
+            if server.pk not in held and server.pk not in mine:
+                key = upstream_key(server.pk)
+                if Lock.acquire(LockPurpose.UPSTREAM, key, self.owner, self.lease_seconds, server=server):
+                    held.add(server.pk)
+        return servers, share, held
 
     def fair_share(self, servers):
         """Renew this worker's presence; the number of servers it may hold: its share of `servers`."""
