@@ -4,7 +4,8 @@ Throw-away hubs for the benchmarks, in processes of their own: a database of the
 measure it from the inside the same way whichever source tree it runs, the old one of a comparison included:
 
 - GC_PAUSES: each garbage collection's pause, by generation;
-- COUNTS: SQL statements, channel-layer messages sent and HTTP requests to ComfyUI servers, per process.
+- COUNTS: SQL statements, channel-layer messages sent and HTTP requests to ComfyUI servers, per process;
+- DISPATCH: each dispatch pass (`servers.supervisor.Supervisor.dispatch`): when it began and its wall time.
 
 Each shim writes what it measured to `<file>-<command>` twice a second; `read_shim_file()` reads it back.
 """
@@ -101,6 +102,64 @@ if sys.argv[1:2] and sys.argv[1] in ("serve", "run_upstream") and os.environ.get
             os.replace(_counts_where + ".tmp", _counts_where)
 
     threading.Thread(target=_counts_dump, daemon=True).start()
+"""
+
+DISPATCH = """
+import importlib.machinery, json, os, sys, threading, time
+from collections import deque
+if sys.argv[1:2] and sys.argv[1] in ("serve", "run_upstream") and os.environ.get("BENCH_DISPATCH_FILE"):
+    _dispatch_passes = deque(maxlen=10_000)  # (epoch seconds it began, seconds it took) of the newest passes
+    _dispatch_total = [0]
+
+    def _time_dispatch(supervisor):
+        real = getattr(supervisor, "dispatch", None)
+        if real is None or getattr(real, "_bench_timed", False):
+            return
+
+        async def timed(self, *args, **kwargs):
+            began, clock = time.time(), time.perf_counter()
+            try:
+                return await real(self, *args, **kwargs)
+            finally:
+                _dispatch_passes.append((began, time.perf_counter() - clock))
+                _dispatch_total[0] += 1
+
+        timed._bench_timed = True
+        supervisor.dispatch = timed
+
+    class _DispatchFinder:
+        # Wraps the method as servers.supervisor is first imported, importing nothing (Django included) sooner.
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname != "servers.supervisor":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+            if spec is None or spec.loader is None:
+                return spec
+            real_exec = spec.loader.exec_module
+
+            def exec_module(module):
+                real_exec(module)
+                if hasattr(module, "Supervisor"):
+                    _time_dispatch(module.Supervisor)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    sys.meta_path.insert(0, _DispatchFinder())
+    _dispatch_where = os.environ["BENCH_DISPATCH_FILE"] + "-" + sys.argv[1]
+
+    def _dispatch_dump():
+        written = None
+        while True:
+            time.sleep(0.5)
+            if written != _dispatch_total[0]:  # only when a pass ended since the last write
+                written = _dispatch_total[0]
+                with open(_dispatch_where + ".tmp", "w") as out:
+                    json.dump({"count": written, "passes": list(_dispatch_passes)}, out)
+                os.replace(_dispatch_where + ".tmp", _dispatch_where)
+
+    threading.Thread(target=_dispatch_dump, daemon=True).start()
 """
 
 

@@ -22,7 +22,8 @@ class Command(BaseCommand):
         "Every benchmark in one run, for SQLite + the in-memory layer and for PostgreSQL + Redis: the engine "
         "(submit latency, throughput), the live path (20 tasks running, 1,000 browser sockets; progress and preview "
         "latency, frame sizes, event-loop lag, per-task counts) "
-        "the heterogeneous pool against a naive policy, and tiny jobs through the hub against straight to a server. "
+        "the heterogeneous pool against a naive policy, tiny jobs through the hub against straight to a server, and "
+        "the hub with a large queue (2,000 tasks here; bench_queue alone defaults to 10,000). "
         "Each starts its own simulators and hub on a throw-away "
         "database. --quick runs smaller sizes."
     )
@@ -34,11 +35,15 @@ class Command(BaseCommand):
 
     def handle(self, quick, postgres, redis, **options):
         CONFIGS["PostgreSQL + Redis"] = {"DATABASE_URL": postgres, "REDIS_URL": redis}
+        quick_queue = ["--idle", "5"] if quick else []
         runs = [
             ("engine", ["bench_engine", *(["--samples", "20", "--tasks", "100"] if quick else [])]),
             ("live", ["bench_sockets", *(["--quick"] if quick else [])]),
             ("pool", ["bench_pool", *(["--tasks", "80", "--batch", "40", "--unit", "0.5"] if quick else [])]),
             ("burst", ["bench_burst", *(["--jobs", "20", "--singles", "5"] if quick else [])]),
+            # A small queue here, to keep the whole run short: about 40 s for each configuration.
+            ("queue", ["bench_queue", "--queued", "2000", "--users", "20", "--servers", "10", "--samples", "5",
+                       "--accept-timeout", "5", *quick_queue]),
         ]
         started = time.monotonic()
         failed = 0
