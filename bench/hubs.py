@@ -92,7 +92,7 @@ if sys.argv[1:2] and sys.argv[1] in ("serve", "run_upstream") and os.environ.get
         return await _send(self, *args, **kwargs)
 
     httpx.AsyncClient.send = _counted_send
-    _counts_where = os.environ["BENCH_COUNTS_FILE"] + "-" + sys.argv[1]
+    _counts_where = f"{os.environ['BENCH_COUNTS_FILE']}-{sys.argv[1]}-{os.getpid()}"  # several workers: a file each
 
     def _counts_dump():
         while True:
@@ -170,12 +170,19 @@ def read_shim_file(path):
 
 
 def read_counts(prefix):
-    """{command: {"sql", "layer", "http"}} of the hub processes whose COUNTS shim wrote under `prefix`."""
+    """
+    {command: {"sql", "layer", "http"}} of the hub processes whose COUNTS shim wrote under `prefix`, summed over
+    the processes of a command (several run_upstream workers).
+    """
+    prefix = Path(prefix)
     found = {}
     for command in HUB_COMMANDS:
-        text = read_shim_file(f"{prefix}-{command}")
-        if text:
-            found[command] = json.loads(text)
+        for path in sorted(prefix.parent.glob(f"{prefix.name}-{command}-*")):
+            text = read_shim_file(path)
+            if text and not path.name.endswith(".tmp"):
+                total = found.setdefault(command, {"sql": 0, "layer": 0, "http": 0})
+                for key, value in json.loads(text).items():
+                    total[key] = total.get(key, 0) + value
     return found
 
 
