@@ -12,7 +12,7 @@ from django.db import IntegrityError, transaction
 from PIL import Image, UnidentifiedImageError
 
 from servers.dispatch import judge_pool
-from servers.models import Server
+from servers.snapshot import pool_capabilities
 from servers.wake import notify_work
 from tasks.models import Task, TaskEvent, TaskStatus, Upload, Workflow, graph_digest
 from tasks.params import BindingError, bind, check_tree, text_problem
@@ -79,7 +79,7 @@ def check_runnable(graph, field):
     would wait forever. While some server is not known yet (never reached), the task may wait for it; the
     dispatcher fails it after COMFYHUB_UNRUNNABLE_SECONDS (servers/pool.py).
     """
-    verdict = judge_pool(graph, Server.objects.enabled().values_list("name", "capabilities"))
+    verdict = judge_pool(graph, pool_capabilities())
     if verdict.refused:
         reason = verdict.explain()
         raise Unrunnable(f"{reason[0].upper()}{reason[1:]}.", {field: reason})

@@ -150,10 +150,12 @@ def fresh_ops_news():
     """Each test starts with no dashboard known to be open and no ops.update sent in the last second."""
     from django.core.cache import cache
 
+    from servers import snapshot
     from tasks import progress
 
     cache.delete(progress.DASHBOARDS_KEY)
     progress._ops_news.update(sent_at=float("-inf"), checked_at=float("-inf"), watched=False)
+    snapshot.forget()  # and the pool's capabilities are read again (a test may change them with update())
 
 
 @pytest.fixture(autouse=True)
