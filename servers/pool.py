@@ -7,12 +7,13 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Exists
 from django.utils import timezone
 
 from servers.backlog import Backlog
 from servers.dispatch import Slot, judge_pool, plan, plan_naive
 from servers.models import ACCEPTING_STATES, Lock, LockPurpose, Server, upstream_key
-from tasks.models import ON_SERVER_STATUSES, Task, TaskStatus, affinity_keys
+from tasks.models import ON_SERVER_STATUSES, Task, TaskEvent, TaskStatus, affinity_keys, binding, update_and_record
 
 
 def slots_and_load(local, backlog, depths=None):
@@ -164,6 +165,11 @@ def claim(task_id, server, holder=None, margin=0.0):
     was frozen past its lease must not hand work to a server another worker now follows. The task remembers when
     the lease was seen (`lease_seen`, monotonic), so that the send right after need not ask again.
     """
+    if connection.vendor == "postgresql":
+        task = claim_in_one(task_id, server, holder, margin)
+        if task is not None:
+            pin_affinity(task, server)
+        return task
     with transaction.atomic():
         if holder is not None:
             lease = Lock.held(LockPurpose.UPSTREAM, upstream_key(server.pk), holder, margin)
@@ -183,6 +189,32 @@ def claim(task_id, server, holder=None, margin=0.0):
             return None
         task.lease_seen = time.monotonic() if holder is not None else None
         pin_affinity(task, server)
+    return task
+
+
+def claim_in_one(task_id, server, holder, margin):
+    """
+    The claim on PostgreSQL in one statement: the task's conditional UPDATE (still queued, and `holder` holds the
+    server's lease for `margin` more seconds) with its event, returning the row. No lease row is locked: a takeover
+    needs the lease expired, which the margin rules out for the send that follows (servers/sending.py).
+    """
+    rows = Task.objects.filter(pk=task_id, status=TaskStatus.QUEUED)
+    if holder is not None:
+        rows = rows.filter(Exists(Lock.held(LockPurpose.UPSTREAM, upstream_key(server.pk), holder, margin)))
+    prompt_id = str(uuid.uuid4())
+    changes = {"last_event_at": timezone.now(), "status": TaskStatus.SUBMITTED, **binding(server, prompt_id)}
+    event = TaskEvent(
+        task_id=task_id, kind="submitted", from_status=TaskStatus.QUEUED, to_status=TaskStatus.SUBMITTED,
+        server_id=server.pk, prompt_id=prompt_id, message=f"bound to {server.name}", detail={},
+    )  # fmt: skip
+    task = update_and_record(rows, changes, event, returning=True)
+    if task is None:
+        return None
+    task.server = server
+    task.lease_seen = time.monotonic() if holder is not None else None
+    from tasks.progress import emit_task_update
+
+    transaction.on_commit(lambda: emit_task_update(task))
     return task
 
 

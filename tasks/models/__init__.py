@@ -4,7 +4,7 @@ affinity.py, files.py (outputs and uploads) and tokens.py. Everything is importa
 """
 
 from tasks.models.affinity import affinity_keys, graph_digest, release_affinity
-from tasks.models.events import TaskEvent
+from tasks.models.events import TaskEvent, update_and_record
 from tasks.models.files import DOWNLOAD_TYPE, INLINE_TYPES, TaskOutput, Upload, output_path, upload_path
 from tasks.models.task import (
     ACTIVE_STATUSES,
@@ -13,6 +13,7 @@ from tasks.models.task import (
     Task,
     TaskQuerySet,
     TaskStatus,
+    binding,
 )
 from tasks.models.tokens import ApiToken, hash_token
 from tasks.models.workflow import PreviewMethod, Workflow
@@ -33,6 +34,8 @@ __all__ = [
     "PreviewMethod",
     "Workflow",
     "affinity_keys",
+    "binding",
+    "update_and_record",
     "graph_digest",
     "hash_token",
     "output_path",

@@ -1,4 +1,4 @@
-from django.db import connections, models
+from django.db import NotSupportedError, connections, models
 from django.db.models.signals import post_save
 from django.db.models.sql import UpdateQuery
 from django.utils import timezone
@@ -27,15 +27,18 @@ class TaskEvent(models.Model):
         return f"{self.kind} {self.from_status}→{self.to_status}"
 
 
-def update_and_record(rows, changes, event):
+def update_and_record(rows, changes, event, *, returning=False):
     """
     The conditional UPDATE of a transition (`changes` to the one row of `rows`) and, when it won, the INSERT of its
     `event` (an unsaved TaskEvent without its task): True when it won. On PostgreSQL both are one statement (a
     data-modifying WITH), so a transition costs one round trip and no transaction of its own; elsewhere they are
-    two, in the caller's transaction.
+    two, in the caller's transaction. `returning` (PostgreSQL only): the row as it is after the UPDATE, a model
+    instance, or None when it lost.
     """
     connection = connections[rows.db]
     if connection.vendor != "postgresql":
+        if returning:
+            raise NotSupportedError("update_and_record(returning=True) needs PostgreSQL")
         if rows.update(**changes) != 1:
             return False
         event.save(using=rows.db)
@@ -49,20 +52,35 @@ def update_and_record(rows, changes, event):
     quote = connection.ops.quote_name
     columns = ", ".join(quote(field.column) for field in fields)
     values = [field.get_db_prep_save(field.pre_save(event, add=True), connection) for field in fields]
-    table, task_table = quote(TaskEvent._meta.db_table), quote(rows.model._meta.db_table)
+    table, task_table, pk = quote(TaskEvent._meta.db_table), quote(rows.model._meta.db_table), quote("id")
     # Only quoted names and Django's own compiled UPDATE are put in the text; every value is a parameter.
     marks = ", ".join(["%s"] * len(fields))
     statement = " ".join((
-        f"WITH moved AS ({update_sql} RETURNING {task_table}.{quote('id')})",
-        f"INSERT INTO {table} ({quote('task_id')}, {columns})",
-        f"SELECT moved.{quote('id')}, {marks} FROM moved RETURNING {table}.{quote('id')}",  # noqa: S608
+        f"WITH moved AS ({update_sql} RETURNING {task_table}.*),",
+        f"recorded AS (INSERT INTO {table} ({quote('task_id')}, {columns})",
+        f"SELECT moved.{pk}, {marks} FROM moved RETURNING {table}.{pk})",  # noqa: S608
+        f"SELECT (SELECT {pk} FROM recorded), moved.* FROM moved",  # noqa: S608
     ))
     with connection.cursor() as cursor:
         cursor.execute(statement, (*update_params, *values))
         row = cursor.fetchone()
+        names = [column.name for column in cursor.description[1:]]
     if row is None:
-        return False
+        return None if returning else False
     event.pk = row[0]
     event._state.adding, event._state.db = False, rows.db
     post_save.send(sender=TaskEvent, instance=event, created=True, update_fields=None, raw=False, using=rows.db)
-    return True
+    return _instance(rows, connection, names, row[1:]) if returning else True
+
+
+def _instance(rows, connection, columns, values):
+    """A model instance of `rows`' model from its table's columns, in any order, as the database returned them."""
+    found = dict(zip(columns, values, strict=True))
+    fields = rows.model._meta.concrete_fields  # Model.from_db wants the values in this order
+    converted = [
+        field.from_db_value(found[field.column], None, connection)
+        if hasattr(field, "from_db_value")
+        else found[field.column]
+        for field in fields
+    ]
+    return rows.model.from_db(rows.db, [field.attname for field in fields], converted)

@@ -35,6 +35,15 @@ ON_SERVER_STATUSES = (TaskStatus.SUBMITTED, TaskStatus.RUNNING)
 TERMINAL_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
 
 
+def binding(server, prompt_id, attempts=None):
+    """What binding a task to `server` under `prompt_id` writes (Task.bind, and the claim in one statement)."""
+    return {
+        "server": server, "prompt_id": prompt_id, "client_id": server.client_id, "submitted_at": timezone.now(),
+        "accepted_at": None, "started_at": None, "progress": 0.0,
+        "attempts": F("attempts") + 1 if attempts is None else attempts, "waiting_reason": "",
+    }  # fmt: skip
+
+
 class TaskQuerySet(models.QuerySet):
     def queued(self):
         return self.filter(status=TaskStatus.QUEUED)
@@ -195,21 +204,9 @@ class Task(models.Model):
         """queued → submitted on `server` with a hub-chosen prompt_id, before anything is sent. `attempts`: the new
         count when the caller read the row under the claim's lock (else the row's own, counted up)."""
         return self._transition(
-            "submitted",
-            [TaskStatus.QUEUED],
-            TaskStatus.SUBMITTED,
-            match_prompt=False,
-            message=f"bound to {server.name}",
-            server=server,
-            prompt_id=prompt_id,
-            client_id=server.client_id,
-            submitted_at=timezone.now(),
-            accepted_at=None,
-            started_at=None,
-            progress=0.0,
-            attempts=F("attempts") + 1 if attempts is None else attempts,
-            waiting_reason="",
-        )
+            "submitted", [TaskStatus.QUEUED], TaskStatus.SUBMITTED, match_prompt=False,
+            message=f"bound to {server.name}", **binding(server, prompt_id, attempts),
+        )  # fmt: skip
 
     def unbind(self, reason):
         """submitted → queued when the prompt certainly never reached the server: the attempt does not count."""
