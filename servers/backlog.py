@@ -29,7 +29,7 @@ from servers.models import Server
 from tasks.models import Task, TaskStatus, affinity_keys
 
 REBUILD_SECONDS = 30.0
-FULL_SECONDS = 5.0
+FULL_SECONDS = 15.0
 MARGIN = timedelta(seconds=2)
 FIELDS = ("id", "owner_id", "priority", "created_at", "waiting_reason", "graph_hash", "image_inputs")
 LIGHT = ("id", "owner_id", "priority", "created_at")  # what a rebuild reads of a task already known
@@ -140,6 +140,10 @@ class Backlog:
             return False
         self.next_full = time.monotonic() + self.full_seconds
         return True
+
+    def deeper_than(self, depth):
+        """Whether some user has more than `depth` queued tasks at a priority."""
+        return any(len(line) > depth for line in self.lines.values())
 
     def heads(self, depth):
         """The first `depth` queued tasks of each user at each priority (a user's later ones cannot go before)."""

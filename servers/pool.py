@@ -3,6 +3,7 @@
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import replace
 from datetime import timedelta
 
 from django.conf import settings
@@ -85,26 +86,41 @@ def make_plan(local, horizon, policy="fair", turn=0, backlog=None, depths=None):
 
     A full pass, every Backlog.full_seconds, looks at `horizon` queued tasks of each user, so that every one of
     them is told why it waits. In between, a pass looks only as deep as the servers have room: a user's tasks
-    beyond that cannot be sent in this pass anyway.
+    beyond that cannot be sent in this pass anyway. When a local server is left with room while some task was
+    kept for a busier one (earliest finish), the pass looks four times deeper, up to `horizon`, so the later
+    tasks can fill it.
     """
     backlog = backlog if backlog is not None else Backlog()
     backlog.refresh()
     slots, per_user = slots_and_load(local, backlog, depths)
+    limit = settings.COMFYHUB["USER_MAX_IN_FLIGHT"] or None
     depth = horizon
     if not backlog.full_pass_due():
         room = sum(max(0, slot.depth - slot.in_flight) for slot in slots if slot.accepting)
         depth = min(horizon, room + 1)
-    found = backlog.heads(depth)
-    pin(found)
-    if policy == "naive":
-        return plan_naive(found, slots, turn)
-    limit = settings.COMFYHUB["USER_MAX_IN_FLIGHT"] or None
-    result = plan(found, slots, per_user, user_limit=limit, problems=backlog.problems)
-    unrunnable = fail_unrunnable(found, slots, result, backlog.problems)
+    while True:
+        found = backlog.heads(depth)
+        pin(found)
+        planned = [replace(slot) for slot in slots]  # plan() counts its sends on the slots
+        if policy == "naive":
+            return plan_naive(found, planned, turn)
+        result = plan(found, planned, per_user, user_limit=limit, problems=backlog.problems)
+        if depth >= horizon or not _left_room(found, planned, result) or not backlog.deeper_than(depth):
+            break
+        depth = min(horizon, depth * 4)
+    unrunnable = fail_unrunnable(found, planned, result, backlog.problems)
     for task_id in unrunnable:
         backlog.discard(task_id)
     record_waiting([candidate for candidate in found if candidate.task_id not in unrunnable], result)
     return result, turn
+
+
+def _left_room(found, slots, result):
+    """A local server kept room below its depth while a candidate waits, on paper, for a busier server."""
+    if not any(slot.local and slot.accepting and slot.in_flight < slot.depth for slot in slots):
+        return False
+    sent = {candidate.task_id for candidate, _, _ in result.sends}
+    return any(c.task_id not in sent and c.task_id not in result.waiting for c in found)
 
 
 def fail_unrunnable(found, slots, result, problems):

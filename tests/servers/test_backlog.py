@@ -116,3 +116,27 @@ def test_a_wake_up_with_busy_servers_looks_only_at_each_users_first_task():
     Task.objects.filter(pk=running[0].pk).update(status=TaskStatus.SUCCEEDED)
     make_plan({}, 50, backlog=backlog)
     assert sizes == [1, 2]
+
+
+def test_a_pass_looks_deeper_when_a_server_keeps_room_while_tasks_wait_for_a_faster_one():
+    def server(name, weight):
+        return Server.objects.create(
+            name=name, base_url=f"http://{name}.invalid:8188", state=ServerState.ONLINE, capabilities=CAPABILITIES,
+            capabilities_at=timezone.now(), weight=weight, pipeline_depth=2, max_in_flight=3,
+        )  # fmt: skip
+
+    fast, slow = server("fast", 4.0), server("slow", 1.0)
+    busy = make_user("busy")
+    for where, count in ((fast, 2), (slow, 1)):
+        tasks = queued(busy, count)
+        Task.objects.filter(pk__in=[t.pk for t in tasks]).update(status=TaskStatus.RUNNING, server=where)
+    alice = make_user("alice")
+    queued(alice, 20)
+    backlog = Backlog()
+    backlog.refresh()
+    backlog.next_full = float("inf")  # a pass between full ones: it starts two tasks deep (one slot of room)
+    result, _ = make_plan({fast.pk: fast, slow.pk: slow}, 50, backlog=backlog)
+    # Alice's first task goes to the front of the 4x server (she has nothing running). Her next ones would finish
+    # sooner behind it too, but it has no room: the 1x server's slot is filled by a later one of hers (the fifth
+    # or so) rather than left empty until the next pass, which a pass two tasks deep cannot see.
+    assert [slot.name for _, slot, _ in result.sends] == ["fast", "slow"]
