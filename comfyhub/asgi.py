@@ -1,9 +1,10 @@
 import os
 
-from django.core.asgi import get_asgi_application
-
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "comfyhub.settings")
-django_asgi_app = get_asgi_application()
+
+from comfyhub.handler import application as django_application  # noqa: E402
+
+django_asgi_app = django_application()
 
 from comfyhub import process as process_of_hub  # noqa: E402
 from comfyhub.daphne_bodies import leave_bodies_to_django  # noqa: E402
