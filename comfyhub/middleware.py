@@ -58,5 +58,7 @@ def sync_chain(get_response):
     above it runs in the one thread that runs the view, so a request crosses between Daphne's event loop and
     that thread three times. Without it Django runs the async-capable middlewares on the loop, and each of
     their process_request and process_response hops to the thread and back (about a dozen crossings).
+    comfyhub.asgi now serves HTTP with comfyhub/handler.py, which loads the chain in sync mode (one crossing);
+    this stays for a deployment that mounts Django's own ASGI handler.
     """
     return get_response
