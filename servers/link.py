@@ -43,7 +43,9 @@ class Link:
         self.idle_since = None
         self.watching = None  # the stream a watch() follows, so that one at a time does
         self.orphaned = False  # closed on purpose to register again
-        self.reconnecting = False  # ... and not connected again yet: the server is fine meanwhile
+        # ... and not connected again yet: the server is fine meanwhile. True until the first connection is made
+        # or fails, too: a health probe whose timer fires first must not call the server's websocket down.
+        self.reconnecting = True
 
     async def run(self):
         backoff = 0.2
