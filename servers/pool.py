@@ -63,18 +63,20 @@ def slots_and_load(local, backlog, depths=None):
     return slots, dict(per_user)
 
 
-def pin(found):
+def affinity_pins():
     """
-    Set each candidate's pinned server from the affinity locks. All unexpired ones are read: there are as many as
-    tasks on servers use an upload or share a graph, not as many as are queued.
+    {key: server pk} of the unexpired affinity locks. All are read: there are as many as tasks on servers use an
+    upload or share a graph, not as many as are queued.
     """
-    pins = {}
-    if any(candidate.keys for candidate in found):
-        pins = dict(
-            Lock.objects.filter(
-                purpose=LockPurpose.AFFINITY, expires_at__gt=timezone.now(), server__isnull=False
-            ).values_list("key", "server_id")
-        )
+    return dict(
+        Lock.objects.filter(
+            purpose=LockPurpose.AFFINITY, expires_at__gt=timezone.now(), server__isnull=False
+        ).values_list("key", "server_id")
+    )
+
+
+def pin(found, pins):
+    """Set each candidate's pinned server from `pins` (affinity_pins())."""
     for candidate in found:
         candidate.pinned_server = next((pins[key] for key in candidate.keys if key in pins), None)
 
@@ -98,9 +100,10 @@ def make_plan(local, horizon, policy="fair", turn=0, backlog=None, depths=None):
     if not backlog.full_pass_due():
         room = sum(max(0, slot.depth - slot.in_flight) for slot in slots if slot.accepting)
         depth = min(horizon, room + 1)
+    pins = affinity_pins() if backlog.entries else {}
     while True:
         found = backlog.heads(depth)
-        pin(found)
+        pin(found, pins)
         planned = [replace(slot) for slot in slots]  # plan() counts its sends on the slots
         if policy == "naive":
             return plan_naive(found, planned, turn)
@@ -185,25 +188,24 @@ def claim(task_id, server, holder=None, margin=0.0):
         task = claim_in_one(task_id, server, holder, margin)
         if task is not None:
             pin_affinity(task, server)
-        return task
-    with transaction.atomic():
-        if holder is not None:
-            lease = Lock.held(LockPurpose.UPSTREAM, upstream_key(server.pk), holder, margin)
-            if connection.vendor == "postgresql":
-                lease = lease.select_for_update()  # a takeover waits for this claim, and sees the task bound
-            if lease.first() is None:
-                return None
-        rows = Task.objects.filter(pk=task_id, status=TaskStatus.QUEUED)
-        if connection.vendor == "postgresql":
-            rows = rows.select_for_update(skip_locked=True, of=("self",))
-        task = rows.select_related("server").first()
-        if task is None:
-            return None
-        # The conditional UPDATE in bind() is the real guard on every database. The row was read in this
-        # transaction (locked on PostgreSQL; SQLite's IMMEDIATE transaction holds the write lock): its count holds.
-        if not task.bind(server, str(uuid.uuid4()), attempts=task.attempts + 1):
-            return None
+    else:
+        task = claim_in_transaction(task_id, server, holder, margin)
+    if task is not None:
         task.lease_seen = time.monotonic() if holder is not None else None
+    return task
+
+
+def claim_in_transaction(task_id, server, holder, margin):
+    """The claim elsewhere (SQLite): the lease and the row read, bound and pinned in one IMMEDIATE transaction."""
+    with transaction.atomic():
+        lease = Lock.held(LockPurpose.UPSTREAM, upstream_key(server.pk), holder, margin)
+        if holder is not None and not lease.exists():
+            return None
+        task = Task.objects.filter(pk=task_id, status=TaskStatus.QUEUED).select_related("server").first()
+        # The conditional UPDATE in bind() is the real guard. The row was read in this transaction, which holds
+        # SQLite's write lock: its attempt count holds.
+        if task is None or not task.bind(server, str(uuid.uuid4()), attempts=task.attempts + 1):
+            return None
         pin_affinity(task, server)
     return task
 
@@ -227,7 +229,6 @@ def claim_in_one(task_id, server, holder, margin):
     if task is None:
         return None
     task.server = server
-    task.lease_seen = time.monotonic() if holder is not None else None
     from tasks.progress import emit_task_update
 
     transaction.on_commit(lambda: emit_task_update(task))
