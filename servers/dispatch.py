@@ -38,6 +38,7 @@ class Slot:
     capabilities: dict | None = None
     local: bool = True  # held by this supervisor: it may send to it
     accepting: bool = True
+    state: str = "online"  # as users read it when no server accepts: online, draining, offline, unknown...
 
     def finish(self, ahead):
         return (ahead + 1.0) / max(self.weight, 0.01)
@@ -189,6 +190,21 @@ def fair_order(candidates, in_flight_by_user):
     return ordered
 
 
+def not_accepting_reason(slots):
+    """Why no server takes a task now, in words that tell a draining pool from one that is down."""
+    if not slots:
+        return "waiting: no server is online (the pool has no enabled server)"
+    states = defaultdict(list)
+    for slot in slots:
+        states[slot.state].append(slot.name)
+    said = "; ".join(f"{_names(names)} {state}" for state, names in sorted(states.items()))
+    if set(states) == {"draining"}:
+        return f"waiting: every server is draining, taking no new tasks until an operator ends it ({said})"
+    if "draining" in states or "online" in states or "degraded" in states:
+        return f"waiting: no server is taking new tasks ({said})"
+    return f"waiting: no server is online ({said})"
+
+
 def plan(candidates, slots, in_flight_by_user, *, user_limit=None, problems=missing_requirements):
     """
     Decide which candidates to send now and where; see the module docstring for the policy. `problems` is
@@ -207,7 +223,7 @@ def plan(candidates, slots, in_flight_by_user, *, user_limit=None, problems=miss
             )
             continue
         if not accepting:
-            result.waiting[candidate.task_id] = "waiting: no server is online"
+            result.waiting[candidate.task_id] = not_accepting_reason(slots)
             continue
         capable, reasons = [], []
         for slot in accepting:

@@ -58,6 +58,7 @@ def slots_and_load(local, backlog, depths=None):
                 # Draining as the row says now, not as this process last copied it: a task queued after an
                 # operator drained the server must not go there.
                 accepting=not server.draining and (server.pk in local or server.state in ACCEPTING_STATES),
+                state="draining" if server.draining else server.state,
             )
         )
     return slots, dict(per_user)
@@ -126,6 +127,10 @@ def _left_room(found, slots, result):
     return any(c.task_id not in sent and c.task_id not in result.waiting for c in found)
 
 
+# The waiting reasons under which a task may be one no server can run (not: draining, or its owner's limit).
+NOT_RUNNABLE_YET = ("waiting: no online server can run it", "waiting: no server is online")
+
+
 def fail_unrunnable(found, slots, result, problems):
     """
     Fail the queued tasks that no enabled server can run: at once when what every server can run is known (the
@@ -138,7 +143,7 @@ def fail_unrunnable(found, slots, result, problems):
     failed = set()
     for candidate in found:
         reason = result.waiting.get(candidate.task_id, "")
-        if not reason.startswith(("waiting: no online server can run it", "waiting: no server is online")):
+        if not reason.startswith(NOT_RUNNABLE_YET):
             continue
         verdict = judge_pool(candidate.graph, servers, problems)
         if not (verdict.refused or (verdict.hopeless_for_now and candidate.created_at < deadline)):

@@ -15,8 +15,8 @@
   function updateTitle() {
     var counter = document.getElementById("running-count");
     if (!counter) return;
-    var count = parseInt(counter.dataset.count || "0", 10);
-    counter.hidden = !count;
+    counter.hidden = !parseInt(counter.dataset.count || "0", 10);
+    var count = parseInt(counter.dataset.running || "0", 10);
     var base = document.title.replace(/^\(\d+ running\) /, "");
     document.title = count ? "(" + count + " running) " + base : base;
   }
@@ -178,22 +178,105 @@
   document.addEventListener("htmx:wsAfterMessage", function () {
     if (catchingUp) pushedMeanwhile = true;
     dedupeRows();
+    sortRunOrder();
     updateTitle();
     refreshDetail();
   });
 
-  document.addEventListener("change", function (event) {
-    var input = event.target;
-    if (!input.matches || !input.matches("input[type=file][data-preview]")) return;
+  // --- The submit form: images checked before they travel, dropped files, seeds typed by hand. ---------------
+
+  function describeBytes(bytes) {
+    return bytes >= 1048576 ? Math.round(bytes / 1048576) + " MiB" : Math.round(bytes / 1024) + " KiB";
+  }
+
+  function showProblem(input, text) {
+    var problem = document.querySelector("[data-problem-for='" + input.id + "']");
+    if (problem) {
+      problem.textContent = text || "";
+      problem.hidden = !text;
+    }
+  }
+
+  function chooseImage(input) {
     var preview = document.getElementById(input.dataset.preview);
+    var file = input.files && input.files[0];
+    var limit = parseInt(input.dataset.maxBytes || "0", 10);
+    if (file && limit && file.size > limit) {
+      // Refused here, before its bytes go anywhere; the hub would refuse it too.
+      showProblem(input, "This file is " + describeBytes(file.size) + "; the most an image may be is " + describeBytes(limit) + ".");
+      input.value = "";
+      return;
+    }
+    showProblem(input, "");
     if (!preview) return;
-    if (input.files && input.files[0]) {
-      preview.src = URL.createObjectURL(input.files[0]);
+    if (file) {
+      preview.src = URL.createObjectURL(file);
       preview.hidden = false;
-    } else {
+      // A new pick replaces the image kept from before.
+      var kept = input.form && input.dataset.kept ? input.form.elements[input.dataset.kept] : null;
+      if (kept) kept.value = "";
+      var note = input.closest("[data-dropzone]") && input.closest("[data-dropzone]").querySelector(".kept");
+      if (note) note.hidden = true;
+    } else if (!preview.getAttribute("src") || preview.src.indexOf("blob:") === 0) {
       preview.hidden = true;
     }
+  }
+
+  document.addEventListener("change", function (event) {
+    var input = event.target;
+    if (input.matches && input.matches("input[type=file][data-preview]")) chooseImage(input);
   });
+
+  ["dragenter", "dragover"].forEach(function (type) {
+    document.addEventListener(type, function (event) {
+      var zone = event.target.closest && event.target.closest("[data-dropzone]");
+      if (!zone) return;
+      event.preventDefault();
+      zone.classList.add("dropzone--over");
+    });
+  });
+  document.addEventListener("dragleave", function (event) {
+    var zone = event.target.closest && event.target.closest("[data-dropzone]");
+    if (zone && !zone.contains(event.relatedTarget)) zone.classList.remove("dropzone--over");
+  });
+  document.addEventListener("drop", function (event) {
+    var zone = event.target.closest && event.target.closest("[data-dropzone]");
+    if (!zone) return;
+    event.preventDefault();
+    zone.classList.remove("dropzone--over");
+    var input = zone.querySelector("input[type=file]");
+    if (!input || !event.dataTransfer || !event.dataTransfer.files.length) return;
+    var files = new DataTransfer();
+    files.items.add(event.dataTransfer.files[0]);
+    input.files = files.files;
+    chooseImage(input);
+  });
+
+  // A seed typed by hand is the seed wanted: "random" beside it unticks itself.
+  document.addEventListener("input", function (event) {
+    var input = event.target;
+    if (!input.closest || !input.closest(".seed") || input.type !== "number") return;
+    var random = input.closest(".seed").querySelector("input[type=checkbox]");
+    if (random && input.value !== "") random.checked = false;
+  });
+
+  // Lists shown in the order tasks will run keep that order as rows change state or arrive.
+  function sortRunOrder() {
+    var list = document.querySelector("#task-list[data-order='run']");
+    if (!list) return;
+    var stage = {running: 0, submitted: 1, queued: 2};
+    var rows = Array.prototype.slice.call(list.querySelectorAll(":scope > .task"));
+    var key = function (row) {
+      return [stage[row.dataset.status] === undefined ? 3 : stage[row.dataset.status], parseInt(row.dataset.position || "0", 10)];
+    };
+    var sorted = rows.slice().sort(function (a, b) {
+      var x = key(a), y = key(b);
+      return x[0] - y[0] || x[1] - y[1];
+    });
+    if (sorted.some(function (row, index) { return row !== rows[index]; })) {
+      sorted.forEach(function (row) { list.appendChild(row); });
+    }
+  }
 
   document.addEventListener("DOMContentLoaded", function () {
     updateTitle();

@@ -10,10 +10,11 @@ from collections import deque
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
+from django.db.models import Count, Q
 from django.template.loader import render_to_string
 
 from tasks.live import PREVIEW, PROGRESS, redraw_live, render_fact
-from tasks.models import TERMINAL_STATUSES, TaskStatus
+from tasks.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Task, TaskStatus
 from tasks.progress import user_group
 from tasks.queue import queue_positions
 from tasks.sockets import SignedInSocket
@@ -296,9 +297,13 @@ def render_updates(user, pending):
         else:
             parts.append((("row", task_id), row))
     if parts:
-        parts.append((("count",), render_to_string("running_count.html", {"running_count": running_count(user)})))
+        parts.append((("count",), render_to_string("running_count.html", task_counts(user))))
     return parts
 
 
-def running_count(user):
-    return user_tasks(user).filter(status=TaskStatus.RUNNING).count()
+def task_counts(user):
+    """The user's active tasks (the "My tasks" badge) and how many of them run (the page title), in one query."""
+    counts = Task.objects.filter(owner=user, status__in=ACTIVE_STATUSES).aggregate(
+        active_count=Count("pk"), running_count=Count("pk", filter=Q(status=TaskStatus.RUNNING))
+    )
+    return {key: value or 0 for key, value in counts.items()}

@@ -1,8 +1,8 @@
 def running_count(request):
-    """How many of the user's tasks are running, for the page title and the navigation."""
+    """How many of the user's tasks are active (the navigation's badge) and running (the page title)."""
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated:
         return {}
-    from tasks.consumers import running_count as count
+    from tasks.consumers import task_counts
 
-    return {"running_count": count(user)}
+    return task_counts(user)

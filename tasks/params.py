@@ -2,15 +2,23 @@
 Workflow parameters: what a user may set, and how each value lands on a node input of the graph.
 
 A declaration is a dict: {"name", "type", "node", "input", optional "label", "help", "default", "required",
-"min", "max", "step", "choices", "multiline"}. Types: text, int, float, seed, choice, image.
+"min", "max", "step", "choices", "multiline"}. Types: text, int, float, seed, choice, color, image.
+
+A value left out takes the declared default. A value sent empty ("") is refused unless the declaration says
+`"required": false`: an emptied prompt is a mistake to point out, not a reason to run the default prompt. A colour
+is a 24-bit number (what ComfyUI's EmptyImage takes), given as a number or as "#rrggbb". A number with a "step"
+must be min + k × step (0 + k × step without a min), as the browser's number field asks.
 """
 
 import copy
 import math
+import re
 import secrets
 import uuid
 
-PARAMETER_TYPES = ("text", "int", "float", "seed", "choice", "image")
+PARAMETER_TYPES = ("text", "int", "float", "seed", "choice", "color", "image")
+COLOR_MAX = 0xFFFFFF
+HEX_COLOR = re.compile(r"#[0-9a-fA-F]{6}")
 SEED_MAX = 2**64 - 1  # ComfyUI's KSampler accepts 0 .. 0xffffffffffffffff
 MAX_TEXT = 10_000
 # Node inputs that name a file in a server's input or output folder, which every user of that server shares: only
@@ -149,6 +157,8 @@ def validate_declarations(graph, parameters):
         for bound in ("min", "max"):
             if bound in param and not _is_number(param[bound]):
                 problems.append(f"{where} has a {bound} that is not a number")
+        if "step" in param and not (_is_number(param["step"]) and param["step"] > 0):
+            problems.append(f"{where} has a step that is not a positive number")
     return problems
 
 
@@ -186,6 +196,8 @@ def _clean(param, value):
             raise ValueError("must be a whole number")
         low, high = (0, SEED_MAX) if kind == "seed" else (param.get("min"), param.get("max"))
         _check_range(value, low, high)
+        if kind == "int":
+            _check_step(value, param)
         return value
     if kind == "float":
         if isinstance(value, str):
@@ -198,11 +210,18 @@ def _clean(param, value):
         # Check the float that lands in the graph: a large int can round past the bound when converted.
         value = float(value)
         _check_range(value, param.get("min"), param.get("max"))
+        _check_step(value, param)
         return value
     if kind == "choice":
         if value not in param["choices"]:
             raise ValueError(f"must be one of {', '.join(map(str, param['choices']))}")
         return value
+    if kind == "color":
+        if isinstance(value, str) and HEX_COLOR.fullmatch(value):
+            return int(value[1:], 16)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= COLOR_MAX:
+            return value
+        raise ValueError("must be a colour: #rrggbb, or a number from 0 to 16777215")
     if kind == "image":
         try:
             return str(uuid.UUID(str(value)))
@@ -216,6 +235,28 @@ def _check_range(value, low, high):
         raise ValueError(f"must be at least {low}")
     if high is not None and value > high:
         raise ValueError(f"must be at most {high}")
+
+
+def _check_step(value, param):
+    step = param.get("step")
+    if not _is_number(step) or step <= 0:
+        return
+    base = param.get("min") if _is_number(param.get("min")) else 0
+    steps = (value - base) / step
+    if not math.isclose(steps, round(steps), abs_tol=1e-9):
+        below = base + math.floor(steps) * step
+        near = [round(below, 10), round(below + step, 10)]
+        near = [int(n) if float(n).is_integer() and isinstance(step, int) else n for n in near]
+        start = f"a multiple of {step}" if base == 0 else f"{base} plus a multiple of {step}"
+        raise ValueError(f"must be {start} ({near[0]} or {near[1]}, for instance)")
+
+
+def color_hex(value):
+    """A colour parameter's value as the browser's colour field shows it: #rrggbb."""
+    try:
+        return f"#{int(value) & COLOR_MAX:06x}"
+    except (TypeError, ValueError):
+        return "#000000"
 
 
 def bind(graph, parameters, inputs, find_upload):
@@ -237,7 +278,13 @@ def bind(graph, parameters, inputs, find_upload):
             )
             continue
         value = inputs.get(name)
-        if value is None or value == "":
+        if value == "" and param["type"] != "seed":
+            if param.get("required", True):
+                errors[name] = "must not be empty"
+                continue
+            if param["type"] != "text":
+                continue  # an optional number or choice left empty: the graph keeps its own value
+        elif value is None or value == "":
             if param["type"] == "seed":
                 value = param.get("default") if param.get("random") is False else None
                 if value is None:

@@ -1,11 +1,12 @@
 from django.urls import path
 
-from tasks import views
+from tasks import views, workspace
 
 urlpatterns = [
     path("", views.home, name="home"),
-    path("workflows/<slug:slug>/", views.submit, name="submit"),
+    path("workflows/<slug:slug>/", workspace.submit, name="submit"),
     path("tasks/", views.task_list, name="task-list"),
+    path("tasks/cancel", views.task_cancel_many, name="task-cancel-many"),
     path("tasks/<uuid:pk>/", views.task_detail, name="task-detail"),
     path("tasks/<uuid:pk>/row", views.task_row, name="task-row"),
     path("tasks/<uuid:pk>/cancel", views.task_cancel, name="task-cancel"),

@@ -11,17 +11,17 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.core.files.storage import default_storage
 from django.core.paginator import Paginator
+from django.db.models import Case, When
 from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
-from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django.views.decorators.http import require_GET, require_POST
 
 from tasks import outputs
-from tasks.forms import WorkflowForm
 from tasks.models import ACTIVE_STATUSES, DOWNLOAD_TYPE, INLINE_TYPES, TaskOutput, TaskStatus, Upload, Workflow
 from tasks.params import BindingError
-from tasks.queue import queue_positions
+from tasks.queue import pool_state, queue_positions
 from tasks.submission import QuotaExceeded, create_task, user_tasks
 
 STATUS_FILTERS = ["active", *TaskStatus.values]
@@ -106,39 +106,8 @@ def row_context(task, viewer=None, positions=None, **extra):
 def home(request):
     workflows = Workflow.objects.filter(enabled=True)
     recent = [for_display(task, request.user) for task in user_tasks(request.user)[:5]]
-    return render(request, "tasks/home.html", {"workflows": workflows, "recent": recent})
-
-
-@require_http_methods(["GET", "POST"])
-@login_required
-def submit(request, slug):
-    workflow = get_object_or_404(Workflow, slug=slug, enabled=True)
-    initial = {}
-    source = request.GET.get("from")
-    if source:
-        # "Edit and run again": start from one of the user's own earlier tasks.
-        try:
-            earlier = user_tasks(request.user).filter(pk=uuid.UUID(source), workflow=workflow).first()
-        except ValueError:
-            earlier = None  # a malformed id is simply no earlier task
-        if earlier is not None:
-            initial = {name: value for name, value in earlier.inputs.items() if not _is_image(workflow, name)}
-            initial.update({f"{name}_random": False for name in initial if _is_seed(workflow, name)})
-    form = WorkflowForm(workflow, request.POST or None, request.FILES or None, initial=initial)
-    if request.method == "POST" and form.is_valid():
-        task = form.submit(request.user)
-        if task is not None:
-            return redirect("task-detail", pk=task.pk)
-    status = 400 if request.method == "POST" else 200
-    return render(request, "tasks/submit.html", {"workflow": workflow, "form": form}, status=status)
-
-
-def _is_image(workflow, name):
-    return any(p["name"] == name and p["type"] == "image" for p in workflow.parameters)
-
-
-def _is_seed(workflow, name):
-    return any(p["name"] == name and p["type"] == "seed" for p in workflow.parameters)
+    context = {"workflows": workflows, "recent": recent, "pool": pool_state(request.user)}
+    return render(request, "tasks/home.html", context)
 
 
 @require_GET
@@ -154,10 +123,21 @@ def task_list(request):
             status = ""
         else:
             tasks = tasks.filter(status=status)
+    if status in ("active", TaskStatus.QUEUED, TaskStatus.SUBMITTED):
+        # The order they will run in: running, then on servers in the order sent, then the hub's queue. One
+        # user's queued tasks leave it by priority, then oldest first (servers/dispatch.py fair_order).
+        stage = Case(When(status=TaskStatus.RUNNING, then=0), When(status=TaskStatus.SUBMITTED, then=1), default=2)
+        tasks = tasks.order_by(stage, "-priority", "submitted_at", "created_at")
     page = Paginator(tasks, PAGE_SIZE).get_page(request.GET.get("page"))
     positions = queue_positions(page.object_list)
     rows = [row_context(task, request.user, positions) for task in page.object_list]
-    context = {"page": page, "rows": rows, "status": status, "filters": STATUS_FILTERS}
+    context = {
+        "page": page,
+        "rows": rows,
+        "status": status,
+        "filters": STATUS_FILTERS,
+        "run_order": status in ("active", TaskStatus.QUEUED, TaskStatus.SUBMITTED),
+    }
     return render(request, "tasks/task_list.html", context)
 
 
@@ -188,7 +168,8 @@ def _parameters(task):
         return [("graph", f"{len(task.graph)} nodes, submitted as a raw graph")]
     labels = {p["name"]: p.get("label") or p["name"] for p in task.workflow.parameters}
     uploads = {}
-    image_ids = [value for name, value in task.inputs.items() if _is_image(task.workflow, name)]
+    images = {p["name"] for p in task.workflow.parameters if p["type"] == "image"}
+    image_ids = [value for name, value in task.inputs.items() if name in images]
     if image_ids:
         uploads = {str(u.pk): u for u in Upload.objects.filter(owner=task.owner, pk__in=image_ids)}
     return [
@@ -217,6 +198,27 @@ def task_cancel(request, pk):
     if request.htmx:
         return render(request, "tasks/task_list.html#task-row", row_context(task, request.user))
     return redirect(_back(request, reverse("task-detail", args=[task.pk])))
+
+
+@require_POST
+@login_required
+def task_cancel_many(request):
+    """Cancel the ticked tasks of a list: only the user's own active ones; the others are left as they are."""
+    ids = []
+    for value in request.POST.getlist("ids")[:PAGE_SIZE]:
+        try:
+            ids.append(uuid.UUID(value))
+        except ValueError:
+            continue  # a malformed id names no task of the user
+    cancelled = sum(1 for task in user_tasks(request.user).filter(pk__in=ids, status__in=ACTIVE_STATUSES)
+                    if task.request_cancel())
+    if not ids:
+        messages.error(request, "Tick the tasks to cancel first.")
+    elif cancelled:
+        messages.success(request, f"Cancelling {cancelled} task{'s' if cancelled != 1 else ''}.")
+    else:
+        messages.error(request, "None of the ticked tasks could be cancelled: they had ended already.")
+    return redirect(_back(request, reverse("task-list")))
 
 
 def _back(request, default):

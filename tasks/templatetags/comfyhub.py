@@ -32,3 +32,41 @@ def live(task):
     from tasks.live import stored_live
 
     return stored_live(task)
+
+
+@register.filter
+def when(value):
+    """A moment as a list reads it: the time today, with the date on other days (and the year in other years)."""
+    if value is None:
+        return ""
+    from django.utils import timezone
+    from django.utils.dateformat import format as date_format
+
+    local, today = timezone.localtime(value), timezone.localdate()
+    if local.date() == today:
+        return date_format(local, "H:i")
+    if local.year == today.year:
+        return date_format(local, "j M H:i")
+    return date_format(local, "j M Y H:i")
+
+
+@register.filter
+def summary(task):
+    """What a row says of a task's inputs: its prompt (or first text) and a few other settings, as text."""
+    from tasks.rows import summarize
+
+    return summarize(task)
+
+
+@register.simple_tag
+def where(task, position=None):
+    """Where a task stands, in words: "waiting in gpu-1's queue, 2nd"."""
+    from tasks.rows import where as words
+
+    return words(task, position)
+
+
+@register.filter
+def batch_field(form):
+    """The bound "how many" field of a WorkflowForm."""
+    return form[form.batch_name]

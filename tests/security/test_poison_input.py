@@ -128,9 +128,9 @@ def txt2img_form(**overrides):
 
 def test_the_form_puts_a_lone_surrogate_on_its_field(alice, workflows, nothing_stored):
     # Django decodes form bodies itself (see below), so a lone surrogate reaches the form only from code.
-    form = WorkflowForm(workflows["txt2img"], txt2img_form(prompt="a \ud800"))
+    form = WorkflowForm(workflows["txt2img"], alice, txt2img_form(prompt="a \ud800"))
     assert form.is_valid(), form.errors
-    assert form.submit(alice) is None
+    assert form.submit() == []
     assert form.errors["prompt"] == [LONE]
 
 
@@ -158,11 +158,11 @@ def test_an_upload_name_with_a_lone_surrogate_is_refused(alice, nothing_stored):
 
 def test_the_form_refuses_an_upload_name_with_a_lone_surrogate(alice, workflows, nothing_stored):
     form = WorkflowForm(
-        workflows["upload-scale"], {"scale_by": "0.5", "method": "area"},
+        workflows["upload-scale"], alice, {"scale_by": "0.5", "method": "area"},
         {"image": SimpleUploadedFile("cat\ud800.png", png(), "image/png")},
     )
     assert form.is_valid(), form.errors
-    assert form.submit(alice) is None
+    assert form.submit() == []
     assert form.errors["image"] == [f"has a file name that {LONE}"]
 
 

@@ -93,8 +93,18 @@ def test_a_task_goes_only_where_its_nodes_and_models_are():
 
 
 def test_no_server_online_is_said():
-    result = plan([task(1, "a")], [slot(1, accepting=False)], {})
-    assert result.waiting == {"t1": "waiting: no server is online"}
+    result = plan([task(1, "a")], [slot(1, accepting=False, state="offline")], {})
+    assert result.waiting == {"t1": "waiting: no server is online (gpu-1 offline)"}
+
+
+def test_a_draining_pool_is_not_called_offline():
+    draining = [slot(1, accepting=False, state="draining"), slot(2, accepting=False, state="draining")]
+    result = plan([task(1, "a")], draining, {})
+    assert result.waiting["t1"].startswith("waiting: every server is draining")
+    assert "online" not in result.waiting["t1"]
+    mixed = [slot(1, accepting=False, state="draining"), slot(2, accepting=False, state="offline")]
+    result = plan([task(1, "a")], mixed, {})
+    assert result.waiting == {"t1": "waiting: no server is taking new tasks (gpu-1 draining; gpu-2 offline)"}
 
 
 def test_a_pinned_task_goes_to_its_server():

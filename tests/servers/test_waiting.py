@@ -23,7 +23,8 @@ def test_the_reasons_of_many_tasks_are_one_update_and_an_unchanged_reason_none(d
     with CaptureQueriesContext(connection) as first, django_capture_on_commit_callbacks() as pushes:
         make_plan({}, horizon=50)
     assert len(updates(first)) == 1
-    assert set(Task.objects.values_list("waiting_reason", flat=True)) == {"waiting: no server is online"}
+    reasons = set(Task.objects.values_list("waiting_reason", flat=True))
+    assert reasons == {"waiting: no server is online (the pool has no enabled server)"}
     assert len(pushes) == 30  # each owner's windows hear of their own tasks
     with CaptureQueriesContext(connection) as again:
         make_plan({}, horizon=50)

@@ -163,7 +163,7 @@ async def test_the_running_count_travels_with_the_rows(alice, workflows, push_fa
     await make_task(alice, workflows["fast"], status=TaskStatus.RUNNING)
     await aemit_task_update(task)
     [frame] = await frames(window)
-    assert 'id="running-count"' in frame and 'data-count="2"' in frame
+    assert 'id="running-count"' in frame and 'data-running="2"' in frame
     await window.disconnect()
 
 

@@ -86,14 +86,17 @@ def test_the_form_follows_the_declared_parameters(alice_browser, workflows):
 def test_submitting_the_form_creates_the_task_and_shows_it(alice, alice_browser, workflows):
     reply = alice_browser.post("/workflows/txt2img/", txt2img_form())
     task = Task.objects.get()
-    assert reply.status_code == 302 and reply["Location"] == f"/tasks/{task.pk}/"
+    # Without JavaScript: back to the same workspace, showing the new task, the form keeping what was typed.
+    assert reply.status_code == 302 and reply["Location"] == f"/workflows/txt2img/?from={task.pk}&random=1"
     assert task.owner == alice and task.status == TaskStatus.QUEUED
     assert task.graph["6"]["inputs"]["text"] == "a fox in the snow"
     assert task.graph["3"]["inputs"]["steps"] == 12
     assert isinstance(task.inputs["seed"], int)
     page = alice_browser.get(reply["Location"]).content.decode()
     assert f'id="task-{task.pk}"' in page and 'data-status="queued"' in page
-    assert "#1 in the queue" in page
+    assert "waiting in the hub&#x27;s queue, 1st" in page
+    assert re.search(r'<textarea name="prompt"[^>]*>\s*a fox in the snow</textarea>', page)
+    assert re.search(r'<input type="checkbox" name="seed_random"[^>]*checked', page)
 
 
 def test_a_fixed_seed_is_kept(alice_browser, workflows):
@@ -142,13 +145,39 @@ def test_a_file_that_is_not_an_image_is_refused_and_nothing_is_stored(alice_brow
     assert not any(path.is_file() for path in media_root.rglob("*")) if media_root.exists() else True
 
 
-def test_an_upload_is_not_kept_when_the_rest_of_the_form_fails(alice_browser, workflows, media_root):
+def test_a_valid_image_is_kept_when_another_field_is_wrong(alice, bob, alice_browser, workflows, media_root):
     image = io.BytesIO(png_bytes())
     image.name = "cat.png"
     reply = alice_browser.post("/workflows/upload-scale/", {"image": image, "scale_by": "99", "method": "area"})
-    assert reply.status_code == 400
-    assert Upload.objects.count() == 0
-    assert not (media_root / "uploads").exists() or not any((media_root / "uploads").rglob("*.*"))
+    assert reply.status_code == 400 and Task.objects.count() == 0
+    # The picture is stored as her upload and shown again, held by the form: no second pick needed.
+    upload = Upload.objects.get(owner=alice)
+    page = reply.content.decode()
+    assert f'name="image_upload" value="{upload.pk}"' in page and f'src="/uploads/{upload.pk}/"' in page
+    assert "Using <b>cat.png</b>" in page
+    reply = alice_browser.post(
+        "/workflows/upload-scale/", {"image_upload": str(upload.pk), "scale_by": "0.5", "method": "area"}
+    )
+    assert reply.status_code == 302, reply.content.decode()
+    task = Task.objects.get()
+    assert task.image_inputs == [{"node": "1", "input": "image", "upload": str(upload.pk)}]
+    assert Upload.objects.count() == 1
+    # Bob cannot run alice's kept image by sending its id.
+    reply = browser(bob).post(
+        "/workflows/upload-scale/", {"image_upload": str(upload.pk), "scale_by": "0.5", "method": "area"}
+    )
+    assert reply.status_code == 400 and "no longer there" in reply.content.decode()
+    assert Task.objects.count() == 1
+
+
+def test_use_these_settings_preselects_the_image_of_the_task(alice, alice_browser, workflows):
+    image = io.BytesIO(png_bytes())
+    image.name = "cat.png"
+    alice_browser.post("/workflows/upload-scale/", {"image": image, "scale_by": "0.5", "method": "area"})
+    task, upload = Task.objects.get(), Upload.objects.get()
+    page = alice_browser.get(f"/workflows/upload-scale/?from={task.pk}").content.decode()
+    assert f'name="image_upload" value="{upload.pk}"' in page and f'src="/uploads/{upload.pk}/"' in page
+    assert re.search(r'name="scale_by" value="0.5"', page)
 
 
 def test_my_tasks_shows_only_my_tasks_newest_first(alice, bob, alice_browser, workflows):
@@ -336,5 +365,5 @@ def test_a_page_of_queued_tasks_shows_their_positions_in_a_few_queries(alice, bo
     with CaptureQueriesContext(connection) as queries:
         page = alice_browser.get("/tasks/").content.decode()
     # Her first goes after bob's first; her 40th after 39 of her own and all 30 of his.
-    assert "#2 in the queue" in page and "#70 in the queue" in page
+    assert "waiting in the hub&#x27;s queue, 2nd" in page and "waiting in the hub&#x27;s queue, 70th" in page
     assert len(queries) < 20, [query["sql"][:80] for query in queries]
