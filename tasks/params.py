@@ -242,13 +242,23 @@ def _check_step(value, param):
     if not _is_number(step) or step <= 0:
         return
     base = param.get("min") if _is_number(param.get("min")) else 0
-    steps = (value - base) / step
-    if not math.isclose(steps, round(steps), abs_tol=1e-9):
-        below = base + math.floor(steps) * step
-        near = [round(below, 10), round(below + step, 10)]
-        near = [int(n) if float(n).is_integer() and isinstance(step, int) else n for n in near]
-        start = f"a multiple of {step}" if base == 0 else f"{base} plus a multiple of {step}"
-        raise ValueError(f"must be {start} ({near[0]} or {near[1]}, for instance)")
+    if isinstance(value, int) and isinstance(base, int) and isinstance(step, int):
+        off = (value - base) % step  # exact, however large the numbers
+    else:
+        try:
+            off = math.remainder(value - base, step)  # as Django's StepValueValidator judges floats
+        except OverflowError:
+            raise ValueError(f"is too large to be checked against its step of {step}") from None
+        if math.isclose(off, 0, abs_tol=1e-9):
+            return
+        off %= step
+    if off == 0:
+        return
+    start = f"a multiple of {step}" if base == 0 else f"{base} plus a multiple of {step}"
+    below, above = value - off, value - off + step
+    if isinstance(below, float):
+        below, above = round(below, 10), round(above, 10)
+    raise ValueError(f"must be {start} ({below} or {above}, for instance)")
 
 
 def color_hex(value):

@@ -8,7 +8,7 @@ import re
 
 from playwright.sync_api import expect
 
-from tests.browser.conftest import ACTIVE, TIMEOUT_MS, UUID, task_id_from_url
+from tests.browser.conftest import ACTIVE, TIMEOUT_MS, UUID
 from tests.conftest import wait_for
 
 LIVE = "#live[data-connected='true']"
@@ -46,6 +46,32 @@ def expect_succeeded(page, task_id):
     expect(bar).to_have_attribute("max", "100")
 
 
+def shown_runs(page):
+    return page.eval_on_selector_all("#workspace-tasks > .task", "(rows) => rows.map((row) => row.id)")
+
+
+def submitted_on(page, before):
+    """The id of the task a workspace page just submitted: a row that `before` (shown_runs) did not have."""
+    found = page.wait_for_function(
+        "(before) => [...document.querySelectorAll('#workspace-tasks > .task')].map((r) => r.id)"
+        ".find((id) => !before.includes(id)) || null",
+        arg=before,
+        timeout=TIMEOUT_MS,
+    )
+    task_id = found.json_value().removeprefix("task-")
+    assert re.fullmatch(UUID, task_id), task_id
+    return task_id
+
+
+def screenshot_both(page, screenshots, name):
+    """The page at a laptop's size and at a phone's, as `<name>-1280.png` and `<name>-390.png`."""
+    size = page.viewport_size
+    for width, height in ((1280, 800), (390, 844)):
+        page.set_viewport_size({"width": width, "height": height})
+        page.screenshot(path=screenshots / f"{name}-{width}.png", full_page=True)
+    page.set_viewport_size(size)
+
+
 def check_progress_values(records):
     """Every bar value rendered is a whole number 0..100 (same in aria-valuenow), and 100 only once succeeded."""
     for record in records:
@@ -80,12 +106,14 @@ def test_submit_watch_progress_and_open_the_result(alice, hub, alice_api, screen
     form.locator("input[name=steps]").fill("20")
     run = form.locator("button[type=submit]")
     expect(run).to_have_text(re.compile(r"^\s*Run\s*$"))
-    run.click()
-
-    page.wait_for_url(re.compile(rf"/tasks/{UUID}/$"))
-    task_id = task_id_from_url(page.url)
     page.wait_for_selector(LIVE, state="attached")
     page.evaluate("window.__sameDocument = true")
+    before = shown_runs(page)
+    run.click()
+
+    # The workspace: the page stays, the new task appears beside the form and runs there.
+    task_id = submitted_on(page, before)
+    expect(page).to_have_url(hub.url("/workflows/txt2img/"))
     expect(row(page, task_id)).to_be_visible()
     # While it runs: the sampler's step in the row's line of text, and the picture forming beside it.
     expect(row(page, task_id).locator(".task__step")).to_contain_text(re.compile(r"step \d+/20"))
@@ -98,9 +126,12 @@ def test_submit_watch_progress_and_open_the_result(alice, hub, alice_api, screen
                      return img && img.complete && img.naturalWidth > 0 && img.naturalWidth <= 256; }""",
         arg=task_id,
     )
+    screenshot_both(page, screenshots, "workspace-running")
     expect_succeeded(page, task_id)
-    assert same_document(page), "the detail page reloaded"
+    assert same_document(page), "the workspace reloaded"
     expect(row(page, task_id).locator("img.task__preview")).to_have_count(0)  # a finished row shows its result
+    wait_loaded(page, f"#task-{task_id} img.output-thumb")
+    screenshot_both(page, screenshots, "workspace-done")
 
     records = history(page, task_id)
     check_progress_values(records)
@@ -111,7 +142,9 @@ def test_submit_watch_progress_and_open_the_result(alice, hub, alice_api, screen
     assert alice_api.task(task_id)["status"] == "succeeded"
     expect(row(page, task_id).locator(".status")).to_contain_text(re.compile("succeeded", re.I))
 
-    # The result: a thumbnail in the row that really loads, linking to the full-size image.
+    # The result: a thumbnail in the row that really loads, linking to the full-size image; the task's page.
+    page.locator(f"#task-{task_id} a.task__name").click()
+    page.wait_for_url(hub.url(f"/tasks/{task_id}/"))
     thumb = row(page, task_id).locator("img.output-thumb").first
     expect(thumb).to_be_visible()
     wait_loaded(page, f"#task-{task_id} img.output-thumb")
@@ -150,9 +183,9 @@ def test_a_task_submitted_in_one_window_appears_live_in_another(alice, hub, alic
     submitter.goto(hub.url("/workflows/txt2img/"))
     submitter.locator("form#submit-form textarea[name=prompt]").fill("two windows, one hub")
     submitter.locator("form#submit-form input[name=steps]").fill("10")
+    before = shown_runs(submitter)
     submitter.locator("form#submit-form button[type=submit]").click()
-    submitter.wait_for_url(re.compile(rf"/tasks/{UUID}/$"))
-    from_form = task_id_from_url(submitter.url)
+    from_form = submitted_on(submitter, before)
 
     expect(row(watcher, from_form)).to_be_visible()
     from_api = alice_api.submit("txt2img", {"prompt": "and one through the API", "steps": 10})

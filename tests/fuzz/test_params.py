@@ -35,6 +35,7 @@ graph_values = st.recursive(
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
     max_leaves=6,
 )
+steps = st.integers(1, 100) | st.floats(min_value=0.001, max_value=100)  # declarations refuse the others
 bounds = (
     st.integers(-100, 100)
     | st.integers(-(2**1000), 2**1000)  # beyond about 2**1023 an int is no float, and declarations refuse it
@@ -71,7 +72,7 @@ graphs = st.dictionaries(
 def declaration(draw, graph, name):
     node = draw(st.sampled_from(sorted(graph)))
     numeric = node.isascii() and node.isdigit() and str(int(node)) == node
-    kind = draw(st.sampled_from(["text", "int", "float", "seed", "choice", "image"]))
+    kind = draw(st.sampled_from(["text", "int", "float", "seed", "choice", "color", "image"]))
     param = {
         "name": name,
         "type": kind,
@@ -80,7 +81,7 @@ def declaration(draw, graph, name):
     }
     optional = {"label": st.text(max_size=10), "help": st.text(max_size=10), "required": st.booleans()}
     if kind in ("int", "float"):
-        optional |= {"min": bounds, "max": bounds, "step": bounds}
+        optional |= {"min": bounds, "max": bounds, "step": steps}
     if kind == "text":
         optional |= {"max_length": st.integers(0, 20), "multiline": st.booleans()}
     if kind == "seed":
@@ -109,6 +110,8 @@ def values_for(param):
         return numbers | numbers.map(str) | st.from_regex(r"\s*-{0,2}[0-9²³¹٣]{1,6}\s*", fullmatch=True)
     if kind == "choice":
         return st.sampled_from(param["choices"]) | json_scalars
+    if kind == "color":
+        return st.integers(-2, 2**24 + 1) | st.from_regex(r"#[0-9a-fA-FgG]{5,7}", fullmatch=True) | st.text(max_size=8)
     return st.sampled_from(UPLOADS) | st.uuids().map(str) | st.sampled_from(UPLOADS).map(str.upper) | st.text()
 
 
@@ -137,14 +140,27 @@ def respects(param, value):
     if kind == "text":
         return isinstance(value, str) and len(value) <= param.get("max_length", 10_000)
     if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool) and in_range(value, low, high)
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        return whole and in_range(value, low, high) and on_step(param, value)
     if kind == "float":
-        return isinstance(value, float) and math.isfinite(value) and in_range(value, low, high)
+        finite = isinstance(value, float) and math.isfinite(value)
+        return finite and in_range(value, low, high) and on_step(param, value)
+    if kind == "color":
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0xFFFFFF
     if kind == "seed":
         return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MAX
     if kind == "choice":
         return value in param["choices"]
     return value in UPLOADS
+
+
+def on_step(param, value):
+    if "step" not in param:
+        return True
+    base, step = param.get("min", 0), param["step"]
+    if all(isinstance(number, int) for number in (value, base, step)):
+        return (value - base) % step == 0
+    return math.isclose(math.remainder(value - base, step), 0, abs_tol=1e-9)
 
 
 def in_range(value, low, high):

@@ -65,7 +65,7 @@ def test_a_graph_naming_a_model_file_no_server_has_is_refused_and_says_where_it_
 def test_a_workflow_whose_graph_no_server_can_run_is_refused_on_the_form_too(client, alice, workflows):
     known("gpu-a", "SaveImage")  # no EmptyImage, no ImageInvert
     client.force_login(alice)
-    reply = client.post("/workflows/invert/", {"color": "5"})
+    reply = client.post("/workflows/invert/", {"color": "#000005", "width": "64", "height": "64"})
     assert reply.status_code == 400
     assert "no server in the pool can run it" in reply.content.decode()
     assert not Task.objects.exists()
