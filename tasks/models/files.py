@@ -40,6 +40,10 @@ class TaskOutput(models.Model):
         max_length=100, blank=True, help_text="What the ComfyUI server said the file was; never trusted, for staff."
     )
     size = models.PositiveBigIntegerField()
+    # Pixels, read from the stored image when it is recorded (tasks/outputs.py); empty for a file that is not an
+    # image, and for an output recorded before these fields existed until it is first shown (outputs.measure).
+    width = models.PositiveIntegerField(null=True, blank=True)
+    height = models.PositiveIntegerField(null=True, blank=True)
     sha256 = models.CharField(max_length=64)
     file = models.FileField(upload_to=output_path, max_length=400)
     created_at = models.DateTimeField(auto_now_add=True)
