@@ -13,6 +13,7 @@ from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from tasks import outputs
 from tasks.forms import WorkflowForm
 from tasks.models import ACTIVE_STATUSES, TaskOutput, TaskStatus, Upload, Workflow
 from tasks.params import BindingError
@@ -170,7 +171,10 @@ def task_detail(request, pk):
     context = {
         **row_context(task, request.user),
         "events": events,
-        "outputs": [(output, output.is_image) for output in task.outputs.all()],
+        "outputs": [
+            (outputs.measure(output), output.download_name(number))
+            for number, output in enumerate(task.outputs.all(), start=1)
+        ],
         "parameters": _parameters(task),
         "has_seed": task.workflow is not None and any(p["type"] == "seed" for p in task.workflow.parameters),
     }
