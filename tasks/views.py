@@ -15,7 +15,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from tasks import outputs
 from tasks.forms import WorkflowForm
-from tasks.models import ACTIVE_STATUSES, TaskOutput, TaskStatus, Upload, Workflow
+from tasks.models import ACTIVE_STATUSES, TaskStatus, Upload, Workflow
 from tasks.params import BindingError
 from tasks.queue import queue_positions
 from tasks.submission import QuotaExceeded, create_task, user_tasks
@@ -248,16 +248,3 @@ def task_rerun(request, pk):
         messages.error(request, f"Could not run it again: {getattr(exc, 'message', exc)}")
         return redirect("task-detail", pk=task.pk)
     return redirect("task-detail", pk=new_task.pk)
-
-
-@require_GET
-@login_required
-def gallery(request):
-    images = (
-        TaskOutput.objects.images()
-        .filter(task__owner=request.user)
-        .select_related("task", "task__workflow")
-        .order_by("-created_at")
-    )
-    page = Paginator(images, 60).get_page(request.GET.get("page"))
-    return render(request, "tasks/gallery.html", {"page": page})
