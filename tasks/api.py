@@ -16,10 +16,11 @@ from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 
 from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address, wait_message
-from tasks.models import ApiToken, TaskOutput, TaskStatus
+from tasks.downloads import output_response, own_outputs
+from tasks.models import ApiToken, TaskStatus
 from tasks.params import BindingError, check_tree
 from tasks.submission import QuotaExceeded, create_task, describe_size, store_upload, user_tasks
-from tasks.views import output_response, public_details, public_text, server_hosts
+from tasks.views import public_details, public_text, server_hosts
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ def task_cancel(request, pk):
 
 @api_view("GET")
 def output_file(request, pk):
-    return output_response(request, get_object_or_404(TaskOutput.objects.filter(task__owner=request.user), pk=pk))
+    return output_response(request, get_object_or_404(own_outputs(request.user), pk=pk))
 
 
 UPLOAD_OVERHEAD = 64 * 1024  # multipart boundaries and headers around the image

@@ -74,7 +74,11 @@ SCHEMAS = {
         "additionalProperties": False,
         "properties": {
             "id": {"type": "string", "format": "uuid"},
-            "filename": {"type": "string"},
+            "filename": {
+                "type": "string",
+                "description": "The name the ComfyUI server gave the file (without the hub's prefix). The file "
+                "itself downloads as `<workflow>-<seed>-<n>.<ext>` (Content-Disposition).",
+            },
             "content_type": {
                 "type": "string",
                 "enum": ["image/png", "image/jpeg", "image/webp", "image/gif", "application/octet-stream"],
@@ -237,7 +241,9 @@ PATHS = {
                 "200": {
                     "description": "The file: inline as its checked raster type, else application/octet-stream "
                     "as an attachment; always with `X-Content-Type-Options: nosniff` and "
-                    "`Content-Security-Policy: sandbox`.",
+                    "`Content-Security-Policy: sandbox`. Its Content-Disposition name is the workflow's slug "
+                    "(`graph` for a raw graph), the seed when the task has one, and the output's place among the "
+                    "task's outputs from 1: `txt2img-42-1.png`.",
                     "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
                 },
                 **_errors(404),

@@ -30,16 +30,41 @@ def checked_type(file):
     recognises and verifies, else application/octet-stream. What a server announces or a file name says never counts:
     a compromised server can call an SVG with a script image/png.
     """
+    return inspect(file)[0]
+
+
+def inspect(file):
+    """(content type as checked_type() reads it, width, height): the pixel size only of a checked image."""
     from PIL import Image, UnidentifiedImageError
 
     source = io.BytesIO(file) if isinstance(file, bytes | bytearray) else file
     try:
         with Image.open(source, formats=list(RASTER_FORMATS)) as image:
-            fmt = image.format
+            fmt, (width, height) = image.format, image.size
             image.verify()
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
-        return DOWNLOAD_TYPE
-    return RASTER_FORMATS.get(fmt, DOWNLOAD_TYPE)
+        return DOWNLOAD_TYPE, None, None
+    if fmt not in RASTER_FORMATS:
+        return DOWNLOAD_TYPE, None, None
+    return RASTER_FORMATS[fmt], width, height
+
+
+def measure(output):
+    """
+    Give an image output recorded before the hub stored pixel sizes its width and height, read once from the
+    stored file and saved; an output that has them, or is no image, or whose file is gone, is left as it is.
+    """
+    if output.width is not None or not output.is_image:
+        return output
+    try:
+        with output.file.open("rb") as source:
+            _, width, height = inspect(source)
+    except (OSError, ValueError):  # missing from storage, or no file at all
+        return output
+    if width is not None:
+        output.width, output.height = width, height
+        type(output).objects.filter(pk=output.pk).update(width=width, height=height)
+    return output
 
 
 def complete(task, files, source):
@@ -51,13 +76,16 @@ def complete(task, files, source):
     stored = []
     for node_id, filename, content_type, data in files:
         filename = safe_filename(filename)
+        checked, width, height = inspect(data)
         row = TaskOutput(
             task=task,
             node_id=str(node_id),
             filename=filename,
-            content_type=checked_type(data),
+            content_type=checked,
             announced_type=(content_type or "")[:100],
             size=len(data),
+            width=width,
+            height=height,
             sha256=hashlib.sha256(data).hexdigest(),
         )
         row.file.name = default_storage.save(output_path(row, filename), ContentFile(data))

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from tasks import views, workspace
+from tasks import downloads, gallery, views, workspace
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -11,9 +11,9 @@ urlpatterns = [
     path("tasks/<uuid:pk>/row", views.task_row, name="task-row"),
     path("tasks/<uuid:pk>/cancel", views.task_cancel, name="task-cancel"),
     path("tasks/<uuid:pk>/rerun", views.task_rerun, name="task-rerun"),
-    path("gallery/", views.gallery, name="gallery"),
-    path("outputs/<uuid:pk>/", views.output_file, name="output"),
-    path("outputs/<uuid:pk>/thumb", views.output_thumb, name="output-thumb"),
-    path("uploads/<uuid:pk>/", views.upload_file, name="upload"),
-    path("staff/outputs/<uuid:pk>/", views.staff_output_file, name="admin-output"),
+    path("gallery/", gallery.gallery, name="gallery"),
+    path("outputs/<uuid:pk>/", downloads.output_file, name="output"),
+    path("outputs/<uuid:pk>/thumb", downloads.output_thumb, name="output-thumb"),
+    path("uploads/<uuid:pk>/", downloads.upload_file, name="upload"),
+    path("staff/outputs/<uuid:pk>/", downloads.staff_output_file, name="admin-output"),
 ]

@@ -6,20 +6,16 @@ import uuid
 from urllib.parse import urlsplit
 
 from django.contrib import messages
-from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
-from django.core.files.storage import default_storage
 from django.core.paginator import Paginator
 from django.db.models import Case, When
-from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
 from tasks import outputs
-from tasks.models import ACTIVE_STATUSES, DOWNLOAD_TYPE, INLINE_TYPES, TaskOutput, TaskStatus, Upload, Workflow
+from tasks.models import ACTIVE_STATUSES, TaskStatus, Upload, Workflow
 from tasks.params import BindingError
 from tasks.queue import pool_state, queue_positions
 from tasks.submission import QuotaExceeded, create_task, user_tasks
@@ -155,7 +151,10 @@ def task_detail(request, pk):
     context = {
         **row_context(task, request.user),
         "events": events,
-        "outputs": [(output, output.is_image) for output in task.outputs.all()],
+        "outputs": [
+            (outputs.measure(output), output.download_name(number))
+            for number, output in enumerate(task.outputs.all(), start=1)
+        ],
         "parameters": _parameters(task),
         "has_seed": task.workflow is not None and any(p["type"] == "seed" for p in task.workflow.parameters),
     }
@@ -251,80 +250,3 @@ def task_rerun(request, pk):
         messages.error(request, f"Could not run it again: {getattr(exc, 'message', exc)}")
         return redirect("task-detail", pk=task.pk)
     return redirect("task-detail", pk=new_task.pk)
-
-
-@require_GET
-@login_required
-def gallery(request):
-    images = (
-        TaskOutput.objects.images()
-        .filter(task__owner=request.user)
-        .select_related("task", "task__workflow")
-        .order_by("-created_at")
-    )
-    page = Paginator(images, 60).get_page(request.GET.get("page"))
-    return render(request, "tasks/gallery.html", {"page": page})
-
-
-def _own_output(user, pk):
-    return get_object_or_404(TaskOutput.objects.filter(task__owner=user), pk=pk)
-
-
-def _file_response(request, file, content_type, filename):
-    """
-    A stored file, never active content on the hub's origin: inline only as a raster type the hub checked from the
-    bytes (and only if asked, as a download); anything else is an octet-stream attachment. Whatever it is, the
-    browser may not sniff another type from it nor run it with the hub's origin (a sandbox without allow-*).
-    """
-    inline = content_type in INLINE_TYPES and request.GET.get("download") != "1"
-    response = FileResponse(
-        file,
-        content_type=content_type if content_type in INLINE_TYPES else DOWNLOAD_TYPE,
-        as_attachment=not inline,
-        filename=filename,
-    )
-    response["X-Content-Type-Options"] = "nosniff"
-    response["Content-Security-Policy"] = "sandbox"
-    response["Cache-Control"] = "private, max-age=3600"
-    return response
-
-
-def output_response(request, output):
-    """The stored file of an output the caller may see (pages, the admin and the API share it)."""
-    try:
-        file = output.file.open("rb")
-    except FileNotFoundError:
-        raise Http404("The file of this output is missing from storage.") from None
-    return _file_response(request, file, output.content_type, output.display_name)
-
-
-@require_GET
-@login_required
-def output_file(request, pk):
-    return output_response(request, _own_output(request.user, pk))
-
-
-@require_GET
-@login_required
-def output_thumb(request, pk):
-    output = _own_output(request.user, pk)
-    name = outputs.thumbnail(output) if output.file else None
-    if name is None:
-        raise Http404("This output has no preview.")
-    return _file_response(request, default_storage.open(name, "rb"), "image/jpeg", f"{output.pk}-thumb.jpg")
-
-
-@require_GET
-@staff_member_required
-def staff_output_file(request, pk):
-    """Any output, for staff who may view tasks in the admin (the page that links here needs the same permission)."""
-    if not request.user.has_perm("tasks.view_task"):
-        raise PermissionDenied("Viewing tasks' outputs needs the permission to view tasks.")
-    return output_response(request, get_object_or_404(TaskOutput, pk=pk))
-
-
-@require_GET
-@login_required
-def upload_file(request, pk):
-    upload = get_object_or_404(Upload.objects.filter(owner=request.user), pk=pk)
-    return _file_response(request, upload.file.open("rb"), upload.content_type, upload.original_name)

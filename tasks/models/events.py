@@ -6,6 +6,38 @@ from django.utils import timezone
 from servers.models import Server
 from tasks.fields import JSONField
 
+# Each event kind as its owner reads it on the task's page ({server}: the server's name, which users may see).
+# Staff see the kind itself beside it. A kind not listed here reads as its own words ("some_kind": "Some kind").
+SENTENCES = {
+    "created": "Added to the queue",
+    "submitted": "Sent to {server}",
+    "resubmitted": "Sent to {server} again",
+    "accepted": "Waiting in {server}'s queue",
+    "running": "Started on {server}",
+    "succeeded": "Finished",
+    "failed": "Failed",
+    "cancel_requested": "Cancel requested",
+    "cancel_sent": "{server} was asked to stop it",
+    "cancelled": "Cancelled",
+    "unbound": "Taken back before {server} received it",
+    "requeued": "Back in the queue after {server} lost it",
+    "moved": "Moved away from {server}, which is unavailable",
+    "retried": "Sent back to the queue by an operator",
+    "handed_over": "Handed over to another hub worker",
+    "reply_lost": "{server} did not confirm it received it; checking its queue",
+    "partial": "{server} refused some of its outputs",
+    "step_failed": "A step in the hub failed; it will be tried again",
+    "recover_resync": "Seemed stuck; checked with {server} again",
+    "recover_refetch": "Seemed stuck; fetched its result from {server} again",
+    "recover_requeue": "Seemed stuck; sent again",
+    "recover_fail": "Still stuck after every attempt to recover it",
+    "stale_deleted": "An earlier copy was deleted from {server}",
+    "stale_interrupted": "An earlier copy ran on {server} anyway",
+    "late_result_ignored": "{server} finished an earlier copy; that result is ignored",
+}
+# Kinds whose message is the reason, worth reading after the sentence (failures have theirs shown once, above).
+WITH_REASON = ("unbound", "requeued", "moved")
+
 
 class TaskEvent(models.Model):
     """Append-only trail: every transition, reconnect and reconciliation of a task, with the server involved."""
@@ -25,6 +57,17 @@ class TaskEvent(models.Model):
 
     def __str__(self):
         return f"{self.kind} {self.from_status}→{self.to_status}"
+
+    @property
+    def sentence(self):
+        """What happened, in plain words for the task's owner: no internal names (the message must be fit to show)."""
+        template = SENTENCES.get(self.kind)
+        if template is None:
+            return self.kind.replace("_", " ").strip().capitalize() or "Something happened"
+        text = template.format(server=self.server.name if self.server_id and self.server else "a server")
+        if self.kind in WITH_REASON and self.message:
+            text = f"{text}: {self.message}"
+        return text[0].upper() + text[1:]
 
 
 def update_and_record(rows, changes, event, *, returning=False):

@@ -1,5 +1,6 @@
 """The files of tasks: outputs copied off the servers into hub storage, and the images users upload."""
 
+import os
 import re
 import uuid
 
@@ -15,6 +16,9 @@ def output_path(instance, filename):
 # raster images cannot run script on the hub's origin, whereas SVG, HTML or anything unknown could.
 INLINE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
 DOWNLOAD_TYPE = "application/octet-stream"
+EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif"}
+# What may be kept of a server's extension for a file that is not a checked image (.flac, .mp4, .json).
+PLAIN_EXTENSION = re.compile(r"^\.[a-z0-9]{1,8}$")
 
 
 class TaskOutputQuerySet(models.QuerySet):
@@ -40,6 +44,10 @@ class TaskOutput(models.Model):
         max_length=100, blank=True, help_text="What the ComfyUI server said the file was; never trusted, for staff."
     )
     size = models.PositiveBigIntegerField()
+    # Pixels, read from the stored image when it is recorded (tasks/outputs.py); empty for a file that is not an
+    # image, and for an output recorded before these fields existed until it is first shown (outputs.measure).
+    width = models.PositiveIntegerField(null=True, blank=True)
+    height = models.PositiveIntegerField(null=True, blank=True)
     sha256 = models.CharField(max_length=64)
     file = models.FileField(upload_to=output_path, max_length=400)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -66,6 +74,29 @@ class TaskOutput(models.Model):
     @property
     def is_image(self):
         return self.content_type in INLINE_TYPES
+
+    @property
+    def extension(self):
+        """From the checked type; a file that is not an image keeps its own plain extension, else `.bin`."""
+        if self.content_type in EXTENSIONS:
+            return EXTENSIONS[self.content_type]
+        own = os.path.splitext(self.display_name)[1].lower()
+        return own if PLAIN_EXTENSION.match(own) else ".bin"
+
+    def download_name(self, number=None):
+        """
+        `<workflow>-<seed>-<n>.<ext>`, the name its owner saves it under: `n` counts the task's outputs from 1 in
+        their order; a raw graph is `graph`; no seed, no seed part. `number` when the caller already knows it.
+        """
+        task = self.task
+        if number is None:
+            number = list(task.outputs.values_list("pk", flat=True)).index(self.pk) + 1
+        parts = [task.workflow.slug if task.workflow else "graph"]
+        name = task.workflow.first_parameter("seed") if task.workflow else None
+        seed = re.sub(r"[^0-9A-Za-z_]", "", str(task.inputs.get(name, "")) if name else "")[:40]
+        if seed:
+            parts.append(seed)
+        return f"{'-'.join(parts)}-{number}{self.extension}"
 
 
 def upload_path(instance, filename):

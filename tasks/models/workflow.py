@@ -33,3 +33,7 @@ class Workflow(models.Model):
 
     def __str__(self):
         return self.name
+
+    def first_parameter(self, type_):
+        """The name of the first parameter of `type_` ("seed", "text"…), or None when there is none."""
+        return next((p["name"] for p in self.parameters if p.get("type") == type_), None)

@@ -142,12 +142,12 @@ def test_submit_watch_progress_and_open_the_result(alice, hub, alice_api, screen
     assert alice_api.task(task_id)["status"] == "succeeded"
     expect(row(page, task_id).locator(".status")).to_contain_text(re.compile("succeeded", re.I))
 
-    # The result: a thumbnail in the row that really loads, linking to the full-size image; the task's page.
+    # The result, once, on the task's page: the full picture that really loads, linking to the file (the row's
+    # thumbnail is for the task list; this page hides it).
     page.locator(f"#task-{task_id} a.task__name").click()
     page.wait_for_url(hub.url(f"/tasks/{task_id}/"))
-    thumb = row(page, task_id).locator("img.output-thumb").first
-    expect(thumb).to_be_visible()
-    wait_loaded(page, f"#task-{task_id} img.output-thumb")
+    expect(row(page, task_id).locator("img.output-thumb").first).to_be_hidden()
+    expect(page.locator("section#outputs img")).to_have_count(1)
     expect(page.locator("section#outputs img").first).to_be_visible()
     wait_loaded(page, "section#outputs img")
     expect(page.locator("ol#timeline")).to_be_visible()
@@ -155,7 +155,7 @@ def test_submit_watch_progress_and_open_the_result(alice, hub, alice_api, screen
     expect(page.get_by_role("button", name=re.compile(r"Run again with a new seed"))).to_be_visible()
     page.screenshot(path=screenshots / "task-detail.png", full_page=True)
 
-    link = row(page, task_id).locator("a:has(img.output-thumb)").first
+    link = page.locator("section#outputs a:has(img.output-full)").first
     href = link.get_attribute("href")
     [output] = alice_api.task(task_id)["outputs"]
     assert href == f"/outputs/{output['id']}/", href

@@ -144,14 +144,14 @@ def test_an_svg_with_a_script_is_a_download_everywhere(alice, admin_user):
         (browser(admin_user), f"/staff/outputs/{output.pk}/"),
     ]:
         reply = client.get(path)
-        assert_download(reply, "drawing.svg")
+        assert_download(reply, "graph-1.svg")  # a raw graph's first output; the extension of no inline type
         assert body(reply) == SVG_WITH_SCRIPT  # the file is still the owner's to have, as it was made
     assert page.get(f"/outputs/{output.pk}/thumb").status_code == 404
 
 
 def test_an_html_output_is_a_download(alice):
     output = one_output(alice, "page.html", "text/html", HTML)
-    assert_download(browser(alice).get(f"/outputs/{output.pk}/"), "page.html")
+    assert_download(browser(alice).get(f"/outputs/{output.pk}/"), "graph-1.html")
 
 
 def test_a_png_claimed_as_html_is_shown_as_a_png(alice):
@@ -249,7 +249,7 @@ def test_the_migration_checks_outputs_stored_before_again(alice):
         "gone.png": (DOWNLOAD_TYPE, "image/png"),
     }
     svg = task.outputs.get(filename="drawing.svg")
-    assert_download(browser(alice).get(f"/outputs/{svg.pk}/"), "drawing.svg")
+    assert_download(browser(alice).get(f"/outputs/{svg.pk}/"), "graph-1.svg")
 
 
 def test_a_thumbnail_made_before_is_not_served_for_a_file_that_is_no_image(alice):
@@ -304,6 +304,7 @@ def test_an_svg_from_a_server_is_stored_and_served_as_a_download(
     assert output.filename.endswith(".svg") and output.announced_type == "image/svg+xml"
     assert output.content_type == DOWNLOAD_TYPE
     reply = api.get(f"/api/v1/outputs/{output.pk}")
-    assert_download(reply, output.display_name)  # the name its owner downloads: without the hub's prefix
+    # Named after the workflow and the output's place in the task: never the server's name, nor the hub's prefix.
+    assert_download(reply, "invert-1.svg")
     assert body(reply) == SVG_WITH_SCRIPT
     assert output.size == len(SVG_WITH_SCRIPT)
