@@ -200,4 +200,23 @@
     tick();
     setInterval(tick, 1000);
   });
+
+  // The account page shows a new API token once: select it for copying, and offer a copy button where the
+  // clipboard can be written (a secure context).
+  document.addEventListener("DOMContentLoaded", function () {
+    var secret = document.getElementById("new-token");
+    if (secret) secret.select();
+    document.querySelectorAll("button[data-copy]").forEach(function (button) {
+      var source = document.querySelector(button.dataset.copy);
+      if (!source || !navigator.clipboard || !window.isSecureContext) return;
+      button.hidden = false;
+      button.addEventListener("click", function () {
+        navigator.clipboard.writeText(source.value).then(function () {
+          button.textContent = "Copied";
+        }, function () {
+          button.textContent = "Copy it by hand";
+        });
+      });
+    });
+  });
 })();
