@@ -11,3 +11,4 @@ urlpatterns = [
 ]
 
 handler404 = "tasks.api.page_not_found"
+handler500 = "tasks.api.server_error"
