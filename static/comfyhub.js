@@ -205,7 +205,10 @@
   // clipboard can be written (a secure context).
   document.addEventListener("DOMContentLoaded", function () {
     var secret = document.getElementById("new-token");
-    if (secret) secret.select();
+    if (secret) {
+      secret.focus();
+      secret.select();
+    }
     document.querySelectorAll("button[data-copy]").forEach(function (button) {
       var source = document.querySelector(button.dataset.copy);
       if (!source || !navigator.clipboard || !window.isSecureContext) return;
