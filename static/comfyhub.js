@@ -283,4 +283,88 @@
     tick();
     setInterval(tick, 1000);
   });
+
+  // A push goes to every window of its user, whatever page it shows: the gallery gets a task's row, a filtered
+  // list the fragment meant for "#task-list". Fragments whose target is not on this page are dropped before htmx
+  // swaps them, since htmx logs htmx:oobErrorNoTarget as a console error before any listener can stop it. Only
+  // socket frames are filtered: the ws extension passes no xhr, and a page's own requests keep htmx's checks.
+  function oobSelector(fragment) {
+    var spec = fragment.getAttribute("hx-swap-oob") || fragment.getAttribute("data-hx-swap-oob") || "true";
+    var colon = spec.indexOf(":");
+    if (colon > 0) return spec.slice(colon + 1);
+    return fragment.id ? "#" + CSS.escape(fragment.id) : null;
+  }
+
+  function dropUntargeted(text) {
+    var holder = document.createElement("template");
+    holder.innerHTML = text;
+    // Fragments are swapped in order: a row inserted by one may be the target of the next (its progress).
+    var arriving = {};
+    var dropped = false;
+    Array.prototype.slice.call(holder.content.children).forEach(function (fragment) {
+      var selector = oobSelector(fragment);
+      var found;
+      try {
+        found = !selector || arriving[selector] || document.querySelector(selector);
+      } catch (error) {
+        found = true; // not plain CSS (htmx's extended selectors): left for htmx to resolve
+      }
+      if (!found) {
+        fragment.remove();
+        dropped = true;
+        return;
+      }
+      if (fragment.id) arriving["#" + CSS.escape(fragment.id)] = true;
+      fragment.querySelectorAll("[id]").forEach(function (element) {
+        arriving["#" + CSS.escape(element.id)] = true;
+      });
+    });
+    return dropped ? holder.innerHTML : text;
+  }
+
+  htmx.defineExtension("live-oob", {
+    transformResponse: function (text, xhr) {
+      return xhr ? text : dropUntargeted(text);
+    },
+  });
+
+  // The ws extension reports a failed socket by logging the error Event itself ("[object Event]") as a console
+  // error, again before any listener runs. The close that always follows says as much (htmx retries on it and the
+  // page shows its note), so sockets are made without the extension's error handler.
+  htmx.createWebSocket = function (url) {
+    var socket = new WebSocket(url, []);
+    socket.binaryType = htmx.config.wsBinaryType;
+    Object.defineProperty(socket, "onerror", {configurable: true, get: function () { return null; }, set: function () {}});
+    return socket;
+  };
+
+  // The green dot is easy to miss: while the live socket is down, say so in words.
+  function showReconnecting(shown) {
+    var note = document.getElementById("live-note");
+    if (note) note.hidden = !shown;
+  }
+  document.addEventListener("htmx:wsOpen", function () { showReconnecting(false); });
+  document.addEventListener("htmx:wsClose", function () { if (!leaving) showReconnecting(true); });
+
+  // The account page shows a new API token once: select it for copying, and offer a copy button where the
+  // clipboard can be written (a secure context).
+  document.addEventListener("DOMContentLoaded", function () {
+    var secret = document.getElementById("new-token");
+    if (secret) {
+      secret.focus();
+      secret.select();
+    }
+    document.querySelectorAll("button[data-copy]").forEach(function (button) {
+      var source = document.querySelector(button.dataset.copy);
+      if (!source || !navigator.clipboard || !window.isSecureContext) return;
+      button.hidden = false;
+      button.addEventListener("click", function () {
+        navigator.clipboard.writeText(source.value).then(function () {
+          button.textContent = "Copied";
+        }, function () {
+          button.textContent = "Copy it by hand";
+        });
+      });
+    });
+  });
 })();

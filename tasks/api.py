@@ -7,10 +7,11 @@ from functools import wraps
 
 from django.conf import settings
 from django.core.exceptions import BadRequest, PermissionDenied, RequestDataTooBig, SuspiciousOperation
-from django.http import Http404, JsonResponse
+from django.http import Http404, HttpResponseServerError, JsonResponse
 from django.http.multipartparser import MultiPartParserError
 from django.middleware.csrf import CsrfViewMiddleware
 from django.shortcuts import get_object_or_404
+from django.template import loader
 from django.urls import reverse
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
@@ -41,6 +42,22 @@ def page_not_found(request, exception=None):
     if request.path.startswith("/api/"):
         return error(404, "not_found", "No such resource. The API is described at /api/v1/openapi.json.")
     return defaults.page_not_found(request, exception)
+
+
+def server_error(request):
+    """
+    The site's 500 (handler500): JSON under /api/, the HTML page elsewhere. The page is drawn with the request
+    (navigation for the signed-in user) when that works; when it fails too (the database may be what broke, and the
+    user and the running count come from it), Django's handler draws the same template without a request.
+    """
+    if request.path.startswith("/api/"):
+        return error(500, "server_error", "Something went wrong on the hub; it has been logged.")
+    try:
+        body = loader.render_to_string(defaults.ERROR_500_TEMPLATE_NAME, request=request)
+    except Exception:
+        logger.exception("the error page could not be drawn with its request; drawn without it")
+        return defaults.server_error(request)
+    return HttpResponseServerError(body)
 
 
 def api_view(*methods):

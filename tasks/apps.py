@@ -6,4 +6,5 @@ class TasksConfig(AppConfig):
     verbose_name = "Tasks"
 
     def ready(self):
-        from tasks import sockets  # noqa: F401  (connects the receivers that close sockets when a sign-in ends)
+        # Connect their receivers: sockets close when a sign-in ends; a logout says so on the next page.
+        from tasks import accounts, sockets  # noqa: F401

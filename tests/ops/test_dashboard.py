@@ -112,7 +112,7 @@ def test_the_page_follows_the_pool_on_its_own_socket_outside_the_swapped_body(op
     wrapper = html.index('ws-connect="/ws/ops/"')
     assert wrapper < html.index('<div id="ops-body"')
     # The extension is enabled on <body>; another hx-ext on the wrapper would make htmx open a second socket.
-    assert html.count('hx-ext="ws"') == 1 and html.index('hx-ext="ws"') < html.index("<main>")
+    assert html.count('hx-ext="ws') == 1 and html.index('hx-ext="ws') < html.index("<main>")
     assert "hx-swap-oob" not in html[html.index('<div id="ops-body"') :][:80]
 
 

@@ -15,11 +15,11 @@ from django.core.management.base import BaseCommand
 from comfyhub import process
 from servers.models import Server
 from servers.supervisor import Supervisor
+from tasks import demo as demo_hub
+from tasks.demo import DEMO_PASSWORD, DEMO_USER
 from tasks.workflows import load_demo_workflows
 
 logger = logging.getLogger(__name__)
-
-DEMO_USER, DEMO_PASSWORD = "demo", "demo-password"
 
 
 class Command(BaseCommand):
@@ -94,4 +94,9 @@ class Command(BaseCommand):
             self.stdout.write(f"Created the demo user: log in as {DEMO_USER} / {DEMO_PASSWORD}")
         else:
             self.stdout.write(f"Log in as {DEMO_USER} (password {DEMO_PASSWORD} unless you changed it)")
+        self.stdout.write(
+            "The demo user is not staff. For the pool dashboard (/ops/) and the admin (/admin/) make a staff "
+            "account: manage.py createsuperuser"
+        )
+        demo_hub.start()  # the pages' banner says all this too
         return simulators
