@@ -158,6 +158,8 @@ def hub(tmp_path_factory):
         **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE")},
         "DATABASE_URL": f"sqlite:///{tmp / 'hub.sqlite3'}",
         "MEDIA_ROOT": str(tmp / "media"),
+        # Its own var folder: `serve` refuses to share one, and the checkout's may be in use by your own hub.
+        "COMFYHUB_VAR_DIR": str(tmp / "var"),
     }
     port = free_port()
     base = f"http://127.0.0.1:{port}"
