@@ -72,7 +72,7 @@ def test_with_htmx_the_answer_swaps_the_body_and_the_messages_in_place(operator,
 def test_the_page_labels_a_servers_limits_in_words(operator, gpu):
     Server.objects.filter(pk=gpu.pk).update(pipeline_depth=2, max_in_flight=3)
     card = server_card(browser(operator).get("/ops/").content.decode(), gpu)
-    assert "<dt>Tasks at once</dt><dd>pipeline depth 2, at most 3 on the server</dd>" in card
+    assert "<dt>Tasks</dt><dd>pipeline depth 2, at most 3 on the server</dd>" in card
     assert "<dt>Draining</dt><dd>no</dd>" in card  # plain text, not an error badge
     assert "badge--draining" not in card
 
