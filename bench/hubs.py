@@ -202,8 +202,8 @@ def hub_environment(scratch, tree, name, postgres, **extra):
     (environment, database URL) of a throw-away hub of `tree`: files in `scratch`, quiet logs, on PostgreSQL + Redis
     a database `name` of its own (drop it with drop_database) and a Redis prefix of its own, else SQLite.
     """
-    env = {**os.environ, "MEDIA_ROOT": str(scratch / "media"), "LOG_LEVEL": "WARNING",
-           "COMFYHUB_TASK_LOG_LEVEL": "WARNING", "PYTHONPATH": str(tree), **extra}
+    env = {**os.environ, "MEDIA_ROOT": str(scratch / "media"), "COMFYHUB_VAR_DIR": str(scratch / "var"),
+           "LOG_LEVEL": "WARNING", "COMFYHUB_TASK_LOG_LEVEL": "WARNING", "PYTHONPATH": str(tree), **extra}
     env.pop("COMFYHUB_EMBEDDED_SUPERVISOR", None)
     if postgres:
         db_url = create_database(name)

@@ -15,6 +15,9 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+# The embedded hub's own files: its SQLite database, media, static files and the demo simulators' outputs, unless
+# the variables below name other places. One `serve` at a time owns it (tasks/management/commands/serve.py).
+VAR_DIR = Path(os.environ.get("COMFYHUB_VAR_DIR") or BASE_DIR / "var").resolve()
 
 
 def env_bool(name, default):
@@ -125,7 +128,7 @@ TEMPLATES = [
 ]
 
 # --- Database -------------------------------------------------------------------------------------------
-DATABASE_URL = os.environ.get("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'var' / 'comfyhub.sqlite3'}"
+DATABASE_URL = os.environ.get("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'comfyhub.sqlite3'}"
 try:
     _database = dj_database_url.parse(DATABASE_URL, conn_max_age=0)
 except ValueError as exc:
@@ -143,7 +146,7 @@ if _database["ENGINE"] == "django.db.backends.sqlite3":
         }
     )
     # A file (not :memory:) so that subprocesses started by the tests see the same database.
-    _database["TEST"] = {"NAME": os.environ.get("COMFYHUB_TEST_SQLITE") or str(BASE_DIR / "var" / "test.sqlite3")}
+    _database["TEST"] = {"NAME": os.environ.get("COMFYHUB_TEST_SQLITE") or str(VAR_DIR / "test.sqlite3")}
 elif _database["ENGINE"] == "django.db.backends.postgresql":
     # Under ASGI every database_sync_to_async call (each websocket render, each supervisor step) opens and closes
     # a connection; a PostgreSQL connection costs milliseconds to open. psycopg's pool keeps a few open per process
@@ -240,11 +243,12 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
+FORMAT_MODULE_PATH = ["comfyhub.formats"]  # datetimes to the second (comfyhub/formats/en/formats.py)
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = Path(os.environ.get("STATIC_ROOT") or BASE_DIR / "var" / "static")
-MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT") or BASE_DIR / "var" / "media")
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT") or VAR_DIR / "static")
+MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT") or VAR_DIR / "media")
 MEDIA_URL = "/media/"  # never served directly: outputs go through an ownership check
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024

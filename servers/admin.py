@@ -2,8 +2,7 @@ from asgiref.sync import async_to_sync
 from django.contrib import admin, messages
 from django.db.models import Count, Q
 
-from servers.comfy import ComfyError
-from servers.connection import standalone
+from servers.connection import probe_once, standalone
 from servers.consistency import check
 from servers.models import Lock, Server, ServerEvent, StalePrompt
 
@@ -23,7 +22,7 @@ class ServerEventInline(admin.TabularInline):
 @admin.register(Server)
 class ServerAdmin(admin.ModelAdmin):
     list_display = [
-        "name", "base_url", "enabled", "draining", "state", "state_reason", "in_flight", "waiting", "weight",
+        "name", "base_url", "enabled", "draining_shown", "state", "state_reason", "in_flight", "waiting", "weight",
         "pipeline_depth", "max_in_flight", "foreign_queue", "last_seen", "last_error",
     ]
     list_filter = ["enabled", "draining", "state"]
@@ -46,6 +45,11 @@ class ServerAdmin(admin.ModelAdmin):
             )
         )
 
+    @admin.display(description="draining", ordering="draining")
+    def draining_shown(self, server):
+        # Not the boolean icon: its red cross reads as an error, and not draining is the normal case.
+        return "yes" if server.draining else "no"
+
     @admin.display(description="running", ordering="running_count")
     def in_flight(self, server):
         return server.running_count
@@ -56,28 +60,9 @@ class ServerAdmin(admin.ModelAdmin):
 
     @admin.action(description="Probe now (/system_stats, /queue, /object_info)")
     def probe_now(self, request, queryset):
-        async def probe(server):
-            conn = standalone(server)
-            conn.online = server.state in ("online", "degraded", "draining")
-            try:
-                await conn.probe()
-            finally:
-                await conn.client.close()
-
-
         for server in queryset:
-            try:
-                async_to_sync(probe)(server)
-            except ComfyError as exc:
-                self.message_user(request, f"Server {server.name}: no answer: {exc.message}", messages.ERROR)
-            else:
-                server.refresh_from_db()
-                self.message_user(
-                    request,
-                    f"Server {server.name} answers; {server.foreign_queue} prompt(s) of other clients queued; "
-                    f"{len((server.capabilities or {}).get('classes', {}))} node types.",
-                    messages.SUCCESS,
-                )
+            answered, message = async_to_sync(probe_once)(server)
+            self.message_user(request, message, messages.SUCCESS if answered else messages.ERROR)
 
     @admin.action(description="Consistency check (report only)")
     def consistency_check(self, request, queryset):
@@ -88,25 +73,26 @@ class ServerAdmin(admin.ModelAdmin):
         self._consistency(request, queryset, fix=True)
 
     def _consistency(self, request, queryset, fix):
-
         for server in queryset:
-            findings = async_to_sync(check)(standalone, server.name, fix)
-            if not findings:
-                self.message_user(request, f"Server {server.name} is consistent: nothing found.", messages.SUCCESS)
-            for finding in findings:
+            report = async_to_sync(check)(standalone, server.name, fix)
+            for finding in report.findings:
                 level = messages.SUCCESS if finding.action and not finding.action.startswith("cannot") else (
                     messages.WARNING
                 )
                 self.message_user(request, str(finding), level)
+            self.message_user(
+                request, f"Server {server.name}: {report.summary()}",
+                messages.WARNING if report.findings else messages.SUCCESS,
+            )
 
     @admin.action(description="Drain: take no new work, finish what they have")
     def drain(self, request, queryset):
-        count = queryset.update(draining=True)
+        count = queryset.drain()
         self.message_user(request, f"{count} server(s) draining: no new work goes to them.", messages.SUCCESS)
 
     @admin.action(description="Stop draining: take new work again")
     def undrain(self, request, queryset):
-        count = queryset.update(draining=False)
+        count = queryset.undrain()
         self.message_user(request, f"{count} server(s) take new work again.", messages.SUCCESS)
 
     @admin.action(description="Enable")

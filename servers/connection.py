@@ -11,7 +11,7 @@ import hashlib
 from django.conf import settings
 
 from servers.aio import Background, cancel_and_wait, db
-from servers.comfy import ComfyClient
+from servers.comfy import ComfyClient, ComfyError
 from servers.completion import Completion
 from servers.guard import step_guard
 from servers.health import Health
@@ -193,3 +193,24 @@ class Standalone:
 def standalone(server):
     """A connection to `server` for one command or admin action; close its client when done."""
     return Connection(Standalone(), server)
+
+
+async def probe_once(server):
+    """
+    Probe `server` once, as its connection does every few seconds (/system_stats, /queue, /object_info when its
+    node types are unknown or it restarted), for an operator: (True, what it found) or (False, why it did not
+    answer). The state it records is the one it had: a one-off probe has no websocket to judge.
+    """
+    conn = standalone(server)
+    conn.online = server.state in ("online", "degraded", "draining")
+    try:
+        await conn.probe()
+    except ComfyError as exc:
+        return False, f"Server {server.name}: no answer: {exc.message}"
+    finally:
+        await conn.client.close()
+    await db(server.refresh_from_db)()
+    return True, (
+        f"Server {server.name} answers; {server.foreign_queue} prompt(s) of other clients queued; "
+        f"{len((server.capabilities or {}).get('classes', {}))} node types."
+    )

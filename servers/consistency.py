@@ -6,7 +6,8 @@ action run this same code. Without fix nothing changes.
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.conf import settings
@@ -55,19 +56,51 @@ class Finding:
         return f"{line} -> {self.action}" if self.action else line
 
 
+@dataclass
+class Report:
+    """What one run of the check looked at, and what it found (and did, with fix)."""
+
+    fix: bool = False
+    servers: int = 0
+    tasks: int = 0
+    outputs: int = 0
+    findings: list = field(default_factory=list)
+
+    @property
+    def repaired(self):
+        return sum(1 for finding in self.findings if finding.action and not finding.action.startswith("cannot"))
+
+    def summary(self):
+        """One line an operator reads: what was checked, then what was found (or that nothing was)."""
+        checked = (
+            f"Checked {plural(self.servers, 'server')}, {plural(self.tasks, 'task')}, "
+            f"{plural(self.outputs, 'output')}"
+        )
+        if not self.findings:
+            return f"{checked}: nothing to repair."
+        counts = Counter(finding.kind for finding in self.findings)
+        found = ", ".join(f"{count} {KINDS[kind]}" for kind, count in sorted(counts.items()))
+        outcome = f"Repaired {self.repaired}." if self.fix else "Nothing changed."
+        return f"{checked}: found {len(self.findings)}: {found}. {outcome}"
+
+
+def plural(count, noun):
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 async def check(connect, server_name=None, fix=False):
     """
     Run every check (for one server, or all enabled servers) through connections made by `connect(server)`
-    (servers.connection.standalone); returns the findings.
+    (servers.connection.standalone); returns the Report.
     """
     servers = await db(lambda: list(_servers(server_name)))()
-    findings = []
+    report = Report(fix=fix, servers=len(servers))
     for server in servers:
-        findings += await check_server(connect(server), fix)
-    findings += await check_outputs(connect, servers if server_name else None, fix)
+        report.findings += await check_server(connect(server), fix, report)
+    report.findings += await check_outputs(connect, servers if server_name else None, fix, report)
     if server_name is None:
-        findings += await db(check_locks)(fix)
-    return findings
+        report.findings += await db(check_locks)(fix)
+    return report
 
 
 def _servers(name):
@@ -76,7 +109,7 @@ def _servers(name):
     return Server.objects.filter(name=name)
 
 
-async def check_server(conn, fix):
+async def check_server(conn, fix, report):
     server = conn.server
     findings = []
     try:
@@ -85,6 +118,7 @@ async def check_server(conn, fix):
         except ComfyError as exc:
             return [Finding("unreachable", f"could not read its queue: {exc.message}", server.name)]
         tasks = await db(lambda: list(Task.objects.select_related("server").on_server(server)))()
+        report.tasks += len(tasks)
         known = {task.prompt_id for task in tasks}
         recent = timezone.now() - GRACE
         for task in tasks:
@@ -143,11 +177,12 @@ async def check_server(conn, fix):
     return findings
 
 
-async def check_outputs(connect, servers, fix):
+async def check_outputs(connect, servers, fix, report):
     rows = TaskOutput.objects.select_related("task", "task__server")
     if servers is not None:
         rows = rows.filter(task__server__in=servers)
     outputs = await db(lambda: list(rows))()
+    report.outputs += len(outputs)
     findings = []
     for output in outputs:
         problem = await db(_verify)(output)

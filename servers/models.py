@@ -50,6 +50,22 @@ class ServerQuerySet(models.QuerySet):
         """Servers that may take new work right now."""
         return self.filter(enabled=True, draining=False, state__in=ACCEPTING_STATES)
 
+    def drain(self):
+        """Send these servers no new work; what they have runs to the end. Returns how many were selected."""
+        return self._set_draining(True)
+
+    def undrain(self):
+        """Let these servers take new work again. Returns how many were selected."""
+        return self._set_draining(False)
+
+    def _set_draining(self, draining):
+        from tasks.progress import emit_ops_update
+
+        count = self.update(draining=draining)
+        # The supervisors read the flag on their next step; open dashboards are told now.
+        transaction.on_commit(emit_ops_update)
+        return count
+
 
 class Server(models.Model):
     name = models.SlugField(max_length=64, unique=True)

@@ -23,6 +23,7 @@ from servers.aio import db
 from servers.comfy import ComfyError
 from servers.guard import step_guard
 from tasks.models import Task, TaskStatus
+from tasks.templatetags.comfyhub import duration
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,9 @@ def stuck(older_than=None, server_name=None, task_ids=None, server_ids=None):
     """Tasks on a server that have been quiet longer than their state allows (or than `older_than` seconds)."""
     conf = settings.COMFYHUB
     now = timezone.now()
-    rows = Task.objects.select_related("server").filter(status__in=[TaskStatus.SUBMITTED, TaskStatus.RUNNING])
+    rows = Task.objects.select_related("server", "workflow", "owner").filter(
+        status__in=[TaskStatus.SUBMITTED, TaskStatus.RUNNING]
+    )
     if task_ids is not None:
         rows = rows.filter(pk__in=task_ids)
     elif older_than is not None:
@@ -93,8 +96,7 @@ async def recover(older_than=None, server_name=None, dry_run=False, task_ids=Non
             async with guard as outcome:
                 grade = await db(next_grade)(task)
                 if dry_run:
-                    actions.append(Action(task.pk, grade, f"would apply (quiet since {task.last_event_at:%H:%M:%S})",
-                                          task.server.name))
+                    actions.append(Action(task.pk, grade, f"would apply: {describe(task)}", task.server.name))
                     continue
                 actions.append(await apply(conn, task, grade))
             if outcome.failed:
@@ -104,6 +106,17 @@ async def recover(older_than=None, server_name=None, dry_run=False, task_ids=Non
         for conn in own.values():
             await conn.client.close()
     return actions
+
+
+def describe(task, now=None):
+    """How long a task has been quiet, what it runs and for whom: what an operator weighs before acting on it."""
+    quiet = (now or timezone.now()) - task.last_event_at
+    since = timezone.localtime(task.last_event_at)
+    workflow = task.workflow.slug if task.workflow else "raw graph"
+    return (
+        f"{task.status}, quiet for {duration(quiet)} (since {since:%Y-%m-%d %H:%M:%S}), "
+        f"workflow {workflow}, owner {task.owner.get_username()}"
+    )
 
 
 async def apply(conn, task, grade):

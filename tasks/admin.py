@@ -1,7 +1,10 @@
+import re
+
 from asgiref.sync import async_to_sync
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ActionForm
+from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
@@ -9,6 +12,8 @@ from django.utils.html import format_html
 from servers.connection import standalone
 from servers.recovery import recover as recover_stuck
 from tasks.models import ACTIVE_STATUSES, ApiToken, Task, TaskEvent, TaskOutput, TaskStatus, Upload, Workflow
+
+SHORT_ID = re.compile(r"[0-9a-f]{8}")  # the first 8 hex digits of a UUID, as the task list shows them
 
 
 @admin.register(Workflow)
@@ -69,7 +74,9 @@ class TaskActionForm(ActionForm):
 
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
-    list_display = ["id", "owner", "workflow", "status", "progress", "server", "prompt_id", "attempts", "last_event_at"]
+    list_display = [
+        "short_id", "owner", "workflow", "status", "progress", "server", "short_prompt_id", "attempts", "last_event_at",
+    ]
     list_filter = ["status", QuietFilter, "server", "workflow", "owner"]
     search_fields = ["=id", "=prompt_id", "owner__username"]
     readonly_fields = [f.name for f in Task._meta.fields]
@@ -80,7 +87,22 @@ class TaskAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False  # tasks are submitted by users through the pages or the API
 
+    @admin.display(description="id", ordering="id")
+    def short_id(self, task):
+        # Eight hex characters tell tasks apart on a page; the whole UUID wraps the column at 1280 px.
+        return format_html('<code title="{}">{}</code>', task.pk, str(task.pk)[:8])
+
+    @admin.display(description="prompt id", ordering="prompt_id")
+    def short_prompt_id(self, task):
+        if not task.prompt_id:
+            return "-"
+        return format_html('<code title="{}">{}</code>', task.prompt_id, task.prompt_id[:8])
+
     def get_search_results(self, request, queryset, search_term):
+        term = search_term.strip().lower()
+        if SHORT_ID.fullmatch(term):
+            # The short id the list shows: the start of a task's id or prompt_id.
+            return queryset.filter(Q(id__startswith=term) | Q(prompt_id__startswith=term)), False
         # "=id" on a UUID field: a search term that is not a UUID must not crash the changelist.
         try:
             return super().get_search_results(request, queryset, search_term)

@@ -27,6 +27,7 @@ SCREENSHOTS = ROOT / "test-output" / "screenshots"
 TIME_SCALE = "1"
 TIMEOUT_MS = 30_000
 USERS = {"alice": "alice-pass-123", "bob": "bob-pass-123"}
+STAFF = {"oscar": "oscar-pass-123"}  # staff, not a superuser: what an on-call operator has
 ACTIVE = ("queued", "submitted", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -74,6 +75,8 @@ for name, password in {users!r}.items():
     out = io.StringIO()
     call_command("create_token", name, stdout=out)
     print("token", name, out.getvalue().strip())
+for name, password in {staff!r}.items():
+    User.objects.create_user(name, password=password, is_staff=True)
 """
 
 
@@ -158,13 +161,15 @@ def hub(tmp_path_factory):
         **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE")},
         "DATABASE_URL": f"sqlite:///{tmp / 'hub.sqlite3'}",
         "MEDIA_ROOT": str(tmp / "media"),
+        # Its own var folder: `serve` refuses to share one, and the checkout's may be in use by your own hub.
+        "COMFYHUB_VAR_DIR": str(tmp / "var"),
     }
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log_path = tmp / "serve.log"
     running = Hub(base, env, log_path, None)
     # migrate, then the users and their API tokens (create_token), in one process to save start-up time.
-    printed = running.manage("shell", "-c", SETUP.format(users=USERS))
+    printed = running.manage("shell", "-c", SETUP.format(users=USERS, staff=STAFF))
     running.tokens = dict(line.split()[1:] for line in printed.splitlines() if line.startswith("token "))
     assert set(running.tokens) == set(USERS), printed
     log = open(log_path, "w+")  # noqa: SIM115
@@ -223,7 +228,7 @@ def log_in(browser, hub, username):
         page = context.new_page()
         page.goto(hub.url("/accounts/login/"))
         page.fill("input[name=username]", username)
-        page.fill("input[name=password]", USERS[username])
+        page.fill("input[name=password]", {**USERS, **STAFF}[username])
         page.click("button[type=submit]")
         page.wait_for_url(hub.url("/"))
         hub.sessions[username] = context.storage_state()
@@ -267,6 +272,13 @@ def alice(browser, hub):
 @pytest.fixture
 def bob(browser, hub):
     with browsing(browser, hub, "bob") as context:
+        yield context
+
+
+@pytest.fixture
+def oscar(browser, hub):
+    """A logged-in staff member's browser."""
+    with browsing(browser, hub, "oscar") as context:
         yield context
 
 

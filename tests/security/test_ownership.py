@@ -33,6 +33,11 @@ SECRET_UPLOAD = "alice-secret-upload.png"
 NOT_OWNED = {
     "submit": "a workflow slug: workflows are shared by every user (?from=<task> is tested below)",
     "password_reset_confirm": "a signed token from a reset e-mail, checked by Django",
+    # The pool's servers belong to no user; these staff-only POSTs answer 404 to everyone else
+    # (tests/ops/test_actions.py).
+    "ops-server-drain": "a server's name",
+    "ops-server-undrain": "a server's name",
+    "ops-server-probe": "a server's name",
 }
 SKIPPED_PREFIXES = ("admin/", "static/", "media/")
 

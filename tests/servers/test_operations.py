@@ -7,7 +7,7 @@ from datetime import timedelta
 import httpx
 import pytest
 from django.core.files.storage import default_storage
-from django.core.management import CommandError, call_command
+from django.core.management import CommandError, call_command, load_command_class
 from django.test import Client
 from django.utils import timezone
 
@@ -62,8 +62,15 @@ def bound_task(owner, server, status=TaskStatus.SUBMITTED, prompt_id=None, **fie
     )
 
 
-def test_a_consistent_hub_exits_0(server):
-    assert command("check_consistency") == (0, "Consistent: nothing found.\n")
+def test_a_consistent_hub_says_what_it_checked_and_exits_0(alice, server, simulator):
+    assert command("check_consistency") == (0, "Checked 1 server, 0 tasks, 0 outputs: nothing to repair.\n")
+    prompt_id = str(uuid.uuid4())
+    post_prompt(simulator, server, prompt_id)
+    in_history(simulator, prompt_id)
+    bound_task(alice, server, status=TaskStatus.RUNNING, prompt_id=prompt_id, started_at=LONG_AGO)
+    assert command("check_consistency", "--fix")[0] == 1  # completes it from the history, with its output
+    stuck_running(alice, server, simulator)  # running on the server as the hub believes
+    assert command("check_consistency") == (0, "Checked 1 server, 1 task, 1 output: nothing to repair.\n")
 
 
 def test_an_unknown_server_name_is_a_clear_error(db):
@@ -75,7 +82,8 @@ def test_a_task_the_server_does_not_know_is_reported_then_requeued(alice, server
     task = bound_task(alice, server)
     code, out = command("check_consistency")
     assert code == 1
-    assert f"[unknown_to_server] server=gpu-a task={task.pk}" in out and "Nothing changed." in out
+    assert f"[unknown_to_server] server=gpu-a task={task.pk}" in out
+    assert "Checked 1 server, 1 task, 0 outputs: found 1: 1 hub task the server does not know. Nothing changed." in out
     assert Task.objects.get(pk=task.pk).status == TaskStatus.SUBMITTED
     code, out = command("check_consistency", "--fix")
     assert code == 1 and "requeued" in out and "Repaired 1." in out
@@ -162,12 +170,32 @@ def age(task):
     Task.objects.filter(pk=task.pk).update(last_event_at=LONG_AGO)
 
 
-def test_recovery_dry_run_changes_nothing(alice, server, simulator):
+def test_recovery_dry_run_says_how_long_each_task_was_quiet_and_whose_it_is(alice, server, simulator, workflows):
     task = stuck_running(alice, server, simulator)
+    quiet_since = timezone.now() - timedelta(minutes=75)
+    Task.objects.filter(pk=task.pk).update(workflow=workflows["txt2img"], last_event_at=quiet_since)
     code, out = command("recover_tasks", "--dry-run")
-    assert code == 1 and f"task={task.pk} server=gpu-a recover_resync: would apply" in out
+    assert code == 1
+    assert (
+        f"task={task.pk} server=gpu-a recover_resync: would apply: running, quiet for 1h 15m "
+        f"(since {quiet_since:%Y-%m-%d %H:%M:%S}), workflow txt2img, owner alice\n"
+    ) in out
     assert not TaskEvent.objects.filter(task=task).exists()
     assert command("recover_tasks", "--server", "gpu-a", "--older-than", "7200") == (0, "No stuck task.\n")
+
+
+def test_recovery_help_gives_the_limits_per_state_and_the_exit_codes(settings):
+    settings.COMFYHUB = {**settings.COMFYHUB, "STUCK_SUBMITTED": 120, "STUCK_RUNNING": 1800}
+    parser = load_command_class("servers", "recover_tasks").create_parser("manage.py", "recover_tasks")
+    text = parser.format_help()
+    assert "  submitted  120 s  (COMFYHUB_STUCK_SUBMITTED)\n  running    1800 s  (COMFYHUB_STUCK_RUNNING)\n" in text
+    assert "  0  no stuck task\n  1  stuck tasks were found" in text and "\n  2  bad arguments" in text
+
+
+def test_recovery_refuses_bad_arguments_with_exit_code_2(db):
+    assert command("recover_tasks", "--server", "nope")[0] == 2
+    code, out = command("recover_tasks", "--older-than", "-1")
+    assert code == 2 and "--older-than must be zero or more seconds." in out
 
 
 def test_a_stuck_task_climbs_the_recovery_grades(alice, server, simulator, settings):

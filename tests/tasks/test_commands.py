@@ -1,7 +1,10 @@
 import json
+import subprocess
+import sys
 from io import StringIO
 
 import pytest
+from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.test import Client
 
@@ -79,3 +82,15 @@ def test_the_demo_workflows_load():
     out = run("load_workflow", "--demo")
     assert "txt2img" in out and "upload-scale" in out
     assert Workflow.objects.count() == 5
+
+
+def test_serve_help_says_what_host_and_port_are():
+    done = subprocess.run(
+        [sys.executable, "manage.py", "serve", "--help"], cwd=settings.BASE_DIR, capture_output=True, text=True,
+        timeout=60,
+    )
+    text = " ".join(done.stdout.split())  # argparse wraps to the terminal's width
+    assert done.returncode == 0, done.stderr
+    assert "--host ADDRESS Address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0:" in text
+    assert "--port PORT TCP port to listen on (default: 8000)" in text
+    assert "another serve on the same folder refuses to start" in text

@@ -119,6 +119,7 @@ class Command(BaseCommand):
                 **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
                 "DATABASE_URL": f"sqlite:///{self.tmp / 'hub.sqlite3'}",
                 "MEDIA_ROOT": str(self.tmp / "media"),
+                "COMFYHUB_VAR_DIR": str(self.tmp / "var"),  # serve refuses a var folder another hub uses
                 # One user submits everything: lift the per-user in-flight cap so that all tasks run at once.
                 "COMFYHUB_USER_MAX_IN_FLIGHT": str(max(tasks, 16)),
             }

@@ -197,7 +197,8 @@ class Command(TreeCommands, BaseCommand):
     def run_variant(self, scratch, n, tree, layer, postgres):
         scratch.mkdir(parents=True)
         self.tree, self.processes = tree, []
-        env = {**os.environ, "MEDIA_ROOT": str(scratch / "media"), "LOG_LEVEL": "WARNING",
+        env = {**os.environ, "MEDIA_ROOT": str(scratch / "media"), "COMFYHUB_VAR_DIR": str(scratch / "var"),
+               "LOG_LEVEL": "WARNING",
                "COMFYHUB_TASK_LOG_LEVEL": "WARNING", "COMFYHUB_USER_MAX_QUEUED": "100000",
                "COMFYHUB_METRICS_TOKEN": secrets.token_urlsafe(32), "PYTHONPATH": str(tree)}
         env.pop("COMFYHUB_EMBEDDED_SUPERVISOR", None)

@@ -1,11 +1,10 @@
 import sys
-from collections import Counter
 
 from asgiref.sync import async_to_sync
 from django.core.management.base import BaseCommand, CommandError
 
 from servers.connection import standalone
-from servers.consistency import KINDS, check
+from servers.consistency import check
 from servers.models import Server
 
 
@@ -23,15 +22,10 @@ class Command(BaseCommand):
     def handle(self, server, fix, **options):
         if server is not None and not Server.objects.filter(name=server).exists():
             raise CommandError(f"There is no server named {server!r}.", returncode=2)
-        findings = async_to_sync(check)(standalone, server, fix)
-        for finding in findings:
+        report = async_to_sync(check)(standalone, server, fix)
+        for finding in report.findings:
             self.stdout.write(str(finding))
-        counts = Counter(finding.kind for finding in findings)
-        if not findings:
-            self.stdout.write("Consistent: nothing found.")
-            return
-        summary = ", ".join(f"{count} {KINDS[kind]}" for kind, count in sorted(counts.items()))
-        fixed = sum(1 for f in findings if f.action and not f.action.startswith("cannot"))
-        outcome = f" Repaired {fixed}." if fix else " Nothing changed."
-        self.stdout.write(f"Found {len(findings)}: {summary}.{outcome}")
-        sys.exit(1)
+        # Said even when nothing was found: "nothing to repair" after checking no server at all is no reassurance.
+        self.stdout.write(report.summary())
+        if report.findings:
+            sys.exit(1)

@@ -10,9 +10,9 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.management import call_command
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
-from comfyhub import process
+from comfyhub import process, varlock
 from servers.models import Server
 from servers.supervisor import Supervisor
 from tasks import demo as demo_hub
@@ -25,12 +25,17 @@ logger = logging.getLogger(__name__)
 class Command(BaseCommand):
     help = (
         "Run the embedded all-in-one hub: migrate, then Daphne with the upstream supervisor in the same process. "
-        "--demo also starts two ComfyUI simulators, loads the demo workflows and creates a demo user."
+        "--demo also starts two ComfyUI simulators, loads the demo workflows and creates a demo user. Its files "
+        "are in the var folder (var/ beside manage.py, or COMFYHUB_VAR_DIR); while it runs, another serve on the "
+        "same folder refuses to start (exit code 1) rather than take over its servers."
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--host", default="127.0.0.1")
-        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument(
+            "--host", default="127.0.0.1", metavar="ADDRESS",
+            help="Address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every network interface)",
+        )
+        parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: 8000)")
         parser.add_argument(
             "--demo", action="store_true", help="Start two simulated ComfyUI servers and a demo user"
         )
@@ -42,6 +47,12 @@ class Command(BaseCommand):
         )
 
     def handle(self, host, port, demo, time_scale, no_supervisor, **options):
+        # COMFYHUB_EMBEDDED_SUPERVISOR=false (the default with REDIS_URL): run_upstream processes own the servers.
+        embedded = settings.COMFYHUB["EMBEDDED_SUPERVISOR"] and not no_supervisor
+        if demo or embedded:
+            # Before anything changes (migrations, servers): a serve that only serves pages (--no-supervisor, as
+            # the production layout runs several) leaves the servers alone and may run beside others.
+            self.own_var_folder()
         call_command("migrate", interactive=False, verbosity=0)
         simulators = []
         if demo or not Server.objects.exists():
@@ -49,10 +60,9 @@ class Command(BaseCommand):
                 self.stdout.write(
                     "No ComfyUI server is configured: starting two simulated ones (see add_server)."
                 )
+            self.own_var_folder()
             simulators = self.start_demo(time_scale)
         application = ASGIStaticFilesHandler(get_default_application())
-        # COMFYHUB_EMBEDDED_SUPERVISOR=false (the default with REDIS_URL): run_upstream processes own the servers.
-        embedded = settings.COMFYHUB["EMBEDDED_SUPERVISOR"] and not no_supervisor
         supervisor = Supervisor() if embedded else None
 
         def ready():
@@ -74,12 +84,18 @@ class Command(BaseCommand):
             for simulator in simulators:
                 simulator.stop()
 
+    def own_var_folder(self):
+        try:
+            varlock.hold(settings.VAR_DIR)
+        except varlock.AlreadyServing as exc:
+            raise CommandError(str(exc), returncode=1) from None
+
     def start_demo(self, time_scale):
         from comfysim import SimulatorThread
 
         simulators = []
         for index in (1, 2):
-            output = settings.BASE_DIR / "var" / f"simulator-{index}"
+            output = settings.VAR_DIR / f"simulator-{index}"
             # A demo shows the picture forming, as a ComfyUI started with --preview-method auto does.
             simulator = SimulatorThread(
                 time_scale=time_scale, output_dir=output, name=f"sim-{index}", preview_method="auto"
