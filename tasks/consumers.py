@@ -249,7 +249,7 @@ class UserFeed:
                 continue
             for n, (key, html) in enumerate(parts):
                 task_id = key[-1]
-                progress = self.latest.get((task_id, PROGRESS)) if key[0] in ("row", "new") else None
+                progress = self.latest.get((task_id, PROGRESS)) if key[0] in ("row", "new", "new-run") else None
                 if progress is not None and progress is not rows[task_id]["live"]:
                     parts[n] = (key, redraw_live(html, progress))  # a fact came while the row was being read
             for task_id in rows:
@@ -294,6 +294,10 @@ def render_updates(user, pending):
         row = render_to_string("tasks/task_list.html#task-row", context)
         if entry["created"]:
             parts.append((("new", task_id), f'<div hx-swap-oob="afterbegin:#task-list">{row}</div>'))
+            if task.workflow_id:
+                # The workspace of its workflow shows it too, in every window of the owner that has it open.
+                target = f"#workflow-{task.workflow_id}-runs"
+                parts.append((("new-run", task_id), f'<div hx-swap-oob="afterbegin:{target}">{row}</div>'))
         else:
             parts.append((("row", task_id), row))
     if parts:

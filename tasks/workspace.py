@@ -33,7 +33,8 @@ def submit(request, slug):
         if form.is_valid():
             created = form.submit()
             if created and request.htmx:
-                return render(request, "tasks/submit.html#new-rows", rows_context(request, created))
+                # Newest first, as the list shows them and as pushes from other windows insert them.
+                return render(request, "tasks/submit.html#new-rows", rows_context(request, reversed(created)))
             if created:
                 return redirect(f"{reverse('submit', args=[slug])}?from={created[0].pk}&random=1")
         form.keep_valid_images()

@@ -47,13 +47,13 @@ def expect_succeeded(page, task_id):
 
 
 def shown_runs(page):
-    return page.eval_on_selector_all("#workspace-tasks > .task", "(rows) => rows.map((row) => row.id)")
+    return page.eval_on_selector_all(".workspace-runs > .task", "(rows) => rows.map((row) => row.id)")
 
 
 def submitted_on(page, before):
     """The id of the task a workspace page just submitted: a row that `before` (shown_runs) did not have."""
     found = page.wait_for_function(
-        "(before) => [...document.querySelectorAll('#workspace-tasks > .task')].map((r) => r.id)"
+        "(before) => [...document.querySelectorAll('.workspace-runs > .task')].map((r) => r.id)"
         ".find((id) => !before.includes(id)) || null",
         arg=before,
         timeout=TIMEOUT_MS,

@@ -71,7 +71,7 @@ def test_typing_a_seed_unticks_random_and_a_batch_runs_consecutive_seeds(alice, 
     form.locator("button[type=submit]").click()
     submitted_on(page, before)
     page.wait_for_function(
-        "(n) => document.querySelectorAll('#workspace-tasks > .task').length >= n", arg=len(before) + 3
+        "(n) => document.querySelectorAll('.workspace-runs > .task').length >= n", arg=len(before) + 3
     )
     new = [i for i in shown_runs(page) if i not in before]
     assert len(new) == 3, new
@@ -128,3 +128,14 @@ def test_the_task_list_reads_well_and_cancels_several_at_once(alice, hub, alice_
     assert alice_api.task(ids[2])["status"] in ACTIVE
     row(page, ids[2]).locator("button.cancel").click()
     assert alice_api.wait(ids[2], timeout=30)["status"] == "cancelled"
+
+
+def test_a_task_of_this_workflow_sent_from_elsewhere_appears_in_the_workspace(alice, hub, alice_api):
+    page = open_live(alice, hub.url("/workflows/fast/"))
+    other = alice_api.submit("invert", {"color": 5, "width": 32, "height": 32})
+    mine = alice_api.submit("fast", {"color": 7})
+    expect(row(page, mine)).to_have_attribute("data-status", "succeeded", timeout=TIMEOUT_MS)
+    expect(page.locator(".workspace-runs > .task").first).to_have_id(f"task-{mine}")
+    alice_api.wait(other)
+    expect(row(page, other)).to_have_count(0)
+    expect(page.locator(f".workspace-runs #task-{mine}")).to_have_count(1)

@@ -75,6 +75,9 @@ async def test_a_new_task_is_inserted_at_the_top_of_the_list(alice, workflows, p
     [frame] = await frames(window)
     assert frame.startswith('<div hx-swap-oob="afterbegin:#task-list">\n<article')
     assert f'id="task-{task.pk}"' in frame
+    # ... and at the top of its workflow's runs, for a workspace of that workflow open in any window.
+    assert f'<div hx-swap-oob="afterbegin:#workflow-{workflows["fast"].pk}-runs">\n<article' in frame
+    assert frame.count(f'<article class="task task--queued" id="task-{task.pk}"') == 2
     await window.disconnect()
 
 

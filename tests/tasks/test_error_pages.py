@@ -63,7 +63,7 @@ def test_the_error_page_still_renders_when_the_request_cannot_be_drawn(alice, mo
     def database_down(user):
         raise RuntimeError("database down")
 
-    monkeypatch.setattr("tasks.consumers.running_count", database_down)
+    monkeypatch.setattr("tasks.consumers.task_counts", database_down)
     reply = browser(alice).get("/broken/")
     assert reply.status_code == 500
     page = reply.content.decode()
