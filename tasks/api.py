@@ -20,7 +20,7 @@ from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address, wait_message
 from tasks.downloads import output_response, own_outputs
 from tasks.models import ApiToken, TaskStatus
 from tasks.params import BindingError, check_tree
-from tasks.submission import QuotaExceeded, create_task, describe_size, store_upload, user_tasks
+from tasks.submission import IdempotencyConflict, QuotaExceeded, create_task, describe_size, store_upload, user_tasks
 from tasks.views import public_details, public_text, server_hosts
 
 logger = logging.getLogger(__name__)
@@ -220,6 +220,13 @@ def tasks_collection(request):
             return error(403, "forbidden", str(exc))
         except QuotaExceeded as exc:
             return error(429, "too_many_tasks", str(exc))
+        except IdempotencyConflict as exc:
+            return error(
+                409,
+                "idempotency_key_reused",
+                str(exc),
+                {"idempotency_key": f"was sent with a different body for task {exc.task.pk}; use a new key"},
+            )
         if created:  # as it was just written: no server, no outputs yet
             return JsonResponse(task_json(task, request, outputs=()), status=201)
         task = user_tasks(request.user).get(pk=task.pk)

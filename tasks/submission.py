@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import json
 import re
 import secrets
 import uuid
@@ -99,8 +100,33 @@ def check_quota(user):
         )
 
 
+class IdempotencyConflict(Exception):
+    """An idempotency key the user already sent with another body: answering with that task would be a lie."""
+
+    def __init__(self, task):
+        super().__init__("This idempotency key was used for another request.")
+        self.task = task
+
+
+def body_digest(body):
+    """SHA-256 of `body` as canonical JSON (keys sorted, no spaces): the same request in any key order matches."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def earlier_task(user, key, digest):
+    """The task created earlier with `key`, or None; IdempotencyConflict when it came with another body."""
+    existing = user_tasks(user).filter(idempotency_key=key).first()
+    if existing is not None and existing.idempotency_body and existing.idempotency_body != digest:
+        raise IdempotencyConflict(existing)
+    return existing
+
+
 def create_task(user, body):
-    """Validate a submission and create its task; returns (task, created) or raises BindingError / PermissionError."""
+    """
+    Validate a submission and create its task; returns (task, created) or raises BindingError, PermissionError,
+    QuotaExceeded or IdempotencyConflict.
+    """
     # Before anything looks text up: a lone surrogate in a slug or key is a database error on PostgreSQL.
     check_tree(body)
     allowed = {"workflow", "inputs", "prompt", "idempotency_key", "priority"}
@@ -112,8 +138,9 @@ def create_task(user, body):
         raise BindingError(
             "Invalid idempotency_key.", {"idempotency_key": "must be a string of 1 to 200 characters"}
         )
+    digest = body_digest(body) if key is not None else ""
     if key is not None:
-        existing = user_tasks(user).filter(idempotency_key=key).first()
+        existing = earlier_task(user, key, digest)
         if existing is not None:
             return existing, False
     priority = body.get("priority", 0)
@@ -165,6 +192,7 @@ def create_task(user, body):
                 image_inputs=images,
                 graph_hash=graph_hash,
                 idempotency_key=key,
+                idempotency_body=digest,
                 priority=priority,
             )
             TaskEvent.objects.create(task=task, kind="created", to_status=TaskStatus.QUEUED)
@@ -173,7 +201,10 @@ def create_task(user, body):
             transaction.on_commit(lambda: emit_task_update(task, created=True))
     except IntegrityError:
         # The same idempotency key arrived twice at once: the other request created the task.
-        return user_tasks(user).get(idempotency_key=key), False
+        existing = earlier_task(user, key, digest) if key is not None else None
+        if existing is None:
+            raise
+        return existing, False
     return task, True
 
 
