@@ -5,6 +5,7 @@ import logging
 import math
 from functools import wraps
 
+from django import forms
 from django.conf import settings
 from django.core.exceptions import BadRequest, PermissionDenied, RequestDataTooBig, SuspiciousOperation
 from django.http import Http404, HttpResponseServerError, JsonResponse
@@ -18,7 +19,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address, wait_message
 from tasks.downloads import output_response, own_outputs
-from tasks.models import ApiToken, TaskStatus
+from tasks.models import STATUS_FILTERS, ApiToken
 from tasks.params import BindingError, check_tree
 from tasks.submission import IdempotencyConflict, QuotaExceeded, create_task, describe_size, store_upload, user_tasks
 from tasks.views import public_details, public_text, server_hosts
@@ -26,6 +27,7 @@ from tasks.views import public_details, public_text, server_hosts
 logger = logging.getLogger(__name__)
 
 MAX_LIST = 200
+DEFAULT_LIST = 50
 MAX_OFFSET = 10**9
 # Deeper JSON is refused before anything walks it: inputs are flat, and ComfyUI graphs are a few levels deep.
 MAX_JSON_DEPTH = 64
@@ -231,26 +233,38 @@ def tasks_collection(request):
             return JsonResponse(task_json(task, request, outputs=()), status=201)
         task = user_tasks(request.user).get(pk=task.pk)
         return JsonResponse(task_json(task, request), status=200)
+    query = TaskListQuery(request.GET)
+    if not query.is_valid():
+        details = {field: " ".join(messages) for field, messages in query.errors.items()}
+        return error(400, "invalid", "The query is not valid: see details for each parameter.", details)
     tasks = user_tasks(request.user)
-    status = request.GET.get("status")
-    if status:
-        if status not in TaskStatus.values:
-            return error(
-                400, "invalid", "Unknown status.", {"status": f"use one of {', '.join(TaskStatus.values)}"}
-            )
-        tasks = tasks.filter(status=status)
-    try:
-        limit = min(int(request.GET.get("limit", 50)), MAX_LIST)
-        # Past a 64-bit integer the database driver raises instead of finding nothing.
-        offset = min(max(int(request.GET.get("offset", 0)), 0), MAX_OFFSET)
-    except ValueError:
-        return error(400, "invalid", "limit and offset must be whole numbers.")
+    if query.cleaned_data["status"]:
+        tasks = tasks.with_status(query.cleaned_data["status"])
+    limit = query.cleaned_data["limit"] or DEFAULT_LIST
+    offset = query.cleaned_data["offset"] or 0
     return JsonResponse(
-        {
-            "count": tasks.count(),
-            "tasks": [task_json(task, request) for task in tasks[offset : offset + max(limit, 0)]],
-        }
+        {"count": tasks.count(), "tasks": [task_json(task, request) for task in tasks[offset : offset + limit]]}
     )
+
+
+NUMBER_ERRORS = {
+    "invalid": "must be a whole number",
+    "min_value": "must be at least %(limit_value)s",
+    "max_value": "must be at most %(limit_value)s",
+}
+
+
+class TaskListQuery(forms.Form):
+    """The query of GET /api/v1/tasks: the task page's status filters, and a page within bounds."""
+
+    status = forms.ChoiceField(
+        choices=[(name, name) for name in STATUS_FILTERS],
+        required=False,
+        error_messages={"invalid_choice": f"must be one of {', '.join(STATUS_FILTERS)}"},
+    )
+    limit = forms.IntegerField(min_value=1, max_value=MAX_LIST, required=False, error_messages=NUMBER_ERRORS)
+    # Past a 64-bit integer the database driver raises instead of finding nothing.
+    offset = forms.IntegerField(min_value=0, max_value=MAX_OFFSET, required=False, error_messages=NUMBER_ERRORS)
 
 
 @api_view("GET")

@@ -33,6 +33,8 @@ class TaskStatus(models.TextChoices):
 ACTIVE_STATUSES = (TaskStatus.QUEUED, TaskStatus.SUBMITTED, TaskStatus.RUNNING)
 ON_SERVER_STATUSES = (TaskStatus.SUBMITTED, TaskStatus.RUNNING)
 TERMINAL_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+# What a task list may be filtered by, on the page and in the API: "active" (not ended yet) or one status.
+STATUS_FILTERS = ("active", *TaskStatus.values)
 
 
 def binding(server, prompt_id, attempts=None):
@@ -50,6 +52,10 @@ class TaskQuerySet(models.QuerySet):
 
     def active(self):
         return self.filter(status__in=ACTIVE_STATUSES)
+
+    def with_status(self, name):
+        """The tasks a status filter (one of STATUS_FILTERS) shows."""
+        return self.active() if name == "active" else self.filter(status=name)
 
     def on_server(self, server):
         return self.filter(server=server, status__in=ON_SERVER_STATUSES)
