@@ -19,8 +19,8 @@ from django.views.decorators.csrf import csrf_exempt
 
 from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address, wait_message
 from tasks.downloads import output_response, own_outputs
-from tasks.models import STATUS_FILTERS, ApiToken
-from tasks.params import BindingError, check_tree
+from tasks.models import STATUS_FILTERS, ApiToken, Workflow
+from tasks.params import BindingError, check_tree, describe
 from tasks.submission import IdempotencyConflict, QuotaExceeded, create_task, describe_size, store_upload, user_tasks
 from tasks.views import public_details, public_text, server_hosts
 
@@ -283,6 +283,29 @@ def task_cancel(request, pk):
 @api_view("GET")
 def output_file(request, pk):
     return output_response(request, get_object_or_404(own_outputs(request.user), pk=pk))
+
+
+def workflow_json(workflow):
+    return {
+        "slug": workflow.slug,
+        "name": workflow.name,
+        "description": workflow.description,
+        "parameters": [describe(param) for param in workflow.parameters],
+    }
+
+
+@api_view("GET")
+def workflows_collection(request):
+    workflows = [workflow_json(workflow) for workflow in Workflow.objects.filter(enabled=True)]
+    return JsonResponse({"count": len(workflows), "workflows": workflows})
+
+
+@api_view("GET")
+def workflow_detail(request, slug):
+    workflow = Workflow.objects.filter(enabled=True, slug=slug).first()
+    if workflow is None:
+        return error(404, "not_found", f"There is no workflow {slug!r}.")
+    return JsonResponse(workflow_json(workflow))
 
 
 UPLOAD_OVERHEAD = 64 * 1024  # multipart boundaries and headers around the image

@@ -106,3 +106,75 @@ def test_limit_and_offset_page_through_the_list(alice_api, workflows):
     assert listed(alice_api, "limit=2") == newest_first[:2]
     assert listed(alice_api, "limit=2&offset=2") == newest_first[2:]
     assert listed(alice_api, "limit=200&offset=3") == []
+
+
+# --- Workflows ----------------------------------------------------------------------------------------------------
+
+
+def test_the_workflow_list_shows_the_enabled_ones_with_their_parameters(alice_api, workflows):
+    workflows["blur-sharpen"].enabled = False
+    workflows["blur-sharpen"].save()
+    reply = alice_api.get("/api/v1/workflows")
+    assert reply.status_code == 200
+    body = reply.json()
+    slugs = [workflow["slug"] for workflow in body["workflows"]]
+    assert sorted(slugs) == ["fast", "invert", "txt2img", "upload-scale"]
+    assert body["count"] == 4
+    txt2img = next(workflow for workflow in body["workflows"] if workflow["slug"] == "txt2img")
+    assert txt2img["name"] == "Text to image"
+    params = {param["name"]: param for param in txt2img["parameters"]}
+    assert list(params) == ["prompt", "negative", "seed", "steps", "cfg", "sampler", "width", "height"]
+    assert params["cfg"] == {
+        "name": "cfg", "label": "CFG scale", "type": "float", "default": 8.0, "random": False,
+        "min": 1.0, "max": 30.0, "step": 0.5, "choices": None, "max_length": None,
+        "required": False, "multiline": False, "help": "",
+    }  # fmt: skip
+    assert params["sampler"]["choices"] == ["euler", "euler_ancestral", "dpmpp_2m", "ddim"]
+    assert params["prompt"]["multiline"] is True and params["prompt"]["max_length"] == 10_000
+    assert params["seed"]["random"] is True and params["seed"]["default"] is None
+    assert params["seed"]["max"] == 2**64 - 1
+    assert "node" not in params["steps"] and "input" not in params["steps"]
+
+
+def test_a_parameter_without_default_is_required(alice_api, workflows):
+    image = alice_api.get("/api/v1/workflows/upload-scale").json()["parameters"][0]
+    assert image["name"] == "image" and image["type"] == "image"
+    assert image["required"] is True
+
+
+def test_what_the_list_describes_is_what_the_api_accepts(alice_api, workflows):
+    params = {p["name"]: p for p in alice_api.get("/api/v1/workflows/txt2img").json()["parameters"]}
+    inputs = {"steps": params["steps"]["max"], "sampler": params["sampler"]["choices"][-1]}
+    assert alice_api.submit("txt2img", inputs).status_code == 201
+    too_many = alice_api.submit("txt2img", {"steps": params["steps"]["max"] + 1})
+    assert too_many.status_code == 400
+
+
+def test_one_workflow_by_slug_and_404_for_unknown_or_disabled(alice_api, workflows):
+    reply = alice_api.get("/api/v1/workflows/invert")
+    assert reply.status_code == 200
+    assert reply.json()["slug"] == "invert"
+    assert [p["type"] for p in reply.json()["parameters"]] == ["color", "int", "int"]
+    workflows["invert"].enabled = False
+    workflows["invert"].save()
+    for slug in ("invert", "no-such"):
+        gone = alice_api.get(f"/api/v1/workflows/{slug}")
+        assert gone.status_code == 404
+        assert gone.json()["error"]["message"] == f"There is no workflow '{slug}'."
+
+
+def test_workflows_need_authentication(client, workflows):
+    assert client.get("/api/v1/workflows").status_code == 401
+    assert client.get("/api/v1/workflows/fast").status_code == 401
+
+
+def test_a_seed_declared_not_random_shows_its_default(alice_api, workflows):
+    workflow = workflows["txt2img"]
+    workflow.parameters = [
+        {**p, "random": False, "default": 7} if p["type"] == "seed" else p for p in workflow.parameters
+    ]
+    workflow.save()
+    seed = next(p for p in alice_api.get("/api/v1/workflows/txt2img").json()["parameters"] if p["type"] == "seed")
+    assert seed["random"] is False and seed["default"] == 7
+    task = Task.objects.get(pk=alice_api.submit("txt2img", {}).json()["id"])
+    assert task.inputs["seed"] == 7
