@@ -311,7 +311,7 @@ def bind(graph, parameters, inputs, find_upload):
     Returns (graph, cleaned inputs, image inputs [{"node", "input", "upload"}]); raises BindingError.
     """
     if not isinstance(inputs, dict):
-        raise BindingError("inputs must be an object", {"inputs": "must be an object of parameter values"})
+        raise BindingError("The inputs must be an object.", {"inputs": "must be an object of parameter values"})
     declared = {param["name"]: param for param in parameters}
     errors = {printable(str(name)): "is not a parameter of this workflow" for name in inputs if name not in declared}
     graph = copy.deepcopy(graph)

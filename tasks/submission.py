@@ -132,11 +132,13 @@ def create_task(user, body):
     allowed = {"workflow", "inputs", "prompt", "idempotency_key", "priority"}
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise BindingError("Unknown fields.", dict.fromkeys(unknown, "is not a field of a task"))
+        raise BindingError(
+            "The body has fields a task does not take.", dict.fromkeys(unknown, "is not a field of a task")
+        )
     key = body.get("idempotency_key")
     if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
         raise BindingError(
-            "Invalid idempotency_key.", {"idempotency_key": "must be a string of 1 to 200 characters"}
+            "The idempotency_key is not valid.", {"idempotency_key": "must be a string of 1 to 200 characters"}
         )
     digest = body_digest(body) if key is not None else ""
     if key is not None:
@@ -145,11 +147,11 @@ def create_task(user, body):
             return existing, False
     priority = body.get("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool):
-        raise BindingError("Invalid priority.", {"priority": "must be a whole number"})
+        raise BindingError("The priority is not valid.", {"priority": "must be a whole number"})
     if not -PRIORITY_LIMIT <= priority <= PRIORITY_LIMIT:
         # The column is a 32-bit integer: a larger number would be a database error, not an answer.
         raise BindingError(
-            "Invalid priority.", {"priority": f"must be between {-PRIORITY_LIMIT} and {PRIORITY_LIMIT}"}
+            "The priority is not valid.", {"priority": f"must be between {-PRIORITY_LIMIT} and {PRIORITY_LIMIT}"}
         )
     if priority > 0 and not user.is_staff:
         raise PermissionError("Only staff may raise a task's priority.")
@@ -164,7 +166,7 @@ def create_task(user, body):
         slug = body["workflow"]
         workflow = Workflow.objects.filter(slug=slug, enabled=True).first() if isinstance(slug, str) else None
         if workflow is None:
-            raise BindingError("Unknown workflow.", {"workflow": f"there is no workflow {slug!r}"})
+            raise BindingError("There is no such workflow.", {"workflow": f"there is no workflow {slug!r}"})
         graph, inputs, images = bind(
             workflow.graph,
             workflow.parameters,
@@ -231,7 +233,7 @@ def read_image(upload):
             "The file is not an image.", {"image": "must be a PNG, JPEG or WebP image"}
         ) from None
     if fmt not in UPLOAD_FORMATS:
-        raise BindingError("Unsupported image format.", {"image": "must be a PNG, JPEG or WebP image"})
+        raise BindingError("The image format is not supported.", {"image": "must be a PNG, JPEG or WebP image"})
     if width * height > Image.MAX_IMAGE_PIXELS:
         # A few kilobytes of PNG can claim gigabytes of pixels; ComfyUI would decode them all.
         raise BindingError(

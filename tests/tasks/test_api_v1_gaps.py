@@ -178,3 +178,79 @@ def test_a_seed_declared_not_random_shows_its_default(alice_api, workflows):
     assert seed["random"] is False and seed["default"] == 7
     task = Task.objects.get(pk=alice_api.submit("txt2img", {}).json()["id"])
     assert task.inputs["seed"] == 7
+
+
+# --- Errors in plain words ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (TaskStatus.SUCCEEDED, "The task has already succeeded; there is nothing to cancel."),
+        (TaskStatus.FAILED, "The task has already failed; there is nothing to cancel."),
+        (TaskStatus.CANCELLED, "The task has already been cancelled."),
+    ],
+)
+def test_cancelling_a_finished_task_says_how_it_ended(alice_api, workflows, status, message):
+    task_id = alice_api.submit("fast", {}).json()["id"]
+    Task.objects.filter(pk=task_id).update(status=status)
+    reply = alice_api.post(f"/api/v1/tasks/{task_id}/cancel")
+    assert reply.status_code == 409
+    assert reply.json()["error"] == {"code": "not_active", "message": message, "details": {}}
+    assert Task.objects.get(pk=task_id).status == status
+
+
+def test_a_task_sent_back_to_the_queue_meanwhile_is_still_cancelled(alice_api, workflows, monkeypatch):
+    task_id = alice_api.submit("fast", {}).json()["id"]
+    Task.objects.filter(pk=task_id).update(status=TaskStatus.FAILED)
+    original = Task.request_cancel
+    seen = []
+
+    def retried_first(task):
+        if not seen:  # an operator's "retry" lands between the API's read (failed) and its cancel
+            Task.objects.filter(pk=task.pk).update(status=TaskStatus.QUEUED)
+        seen.append(task.status)
+        return original(task)
+
+    monkeypatch.setattr(Task, "request_cancel", retried_first)
+    reply = alice_api.post(f"/api/v1/tasks/{task_id}/cancel")
+    assert reply.status_code == 200, reply.content
+    assert reply.json()["status"] == "cancelled"
+    assert seen == ["failed", "queued"]
+
+
+def test_another_users_task_reads_exactly_like_a_missing_one(alice_api, bob_api, workflows):
+    theirs = alice_api.submit("fast", {}).json()["id"]
+    missing = "00000000-0000-4000-8000-000000000000"
+    for path in ("/api/v1/tasks/{}", "/api/v1/outputs/{}"):
+        foreign, absent = bob_api.get(path.format(theirs)), bob_api.get(path.format(missing))
+        assert foreign.status_code == absent.status_code == 404
+        assert foreign.json() == absent.json()
+    cancel = bob_api.post(f"/api/v1/tasks/{theirs}/cancel")
+    assert cancel.status_code == 404
+    assert cancel.json()["error"]["message"] == "There is no task with this id."
+    assert Task.objects.get(pk=theirs).status == TaskStatus.QUEUED
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"workflow": "fast", "colour": 1}, "The body has fields a task does not take."),
+        ({"workflow": "fast", "idempotency_key": ""}, "The idempotency_key is not valid."),
+        ({"workflow": "fast", "priority": "high"}, "The priority is not valid."),
+        ({"workflow": "nope"}, "There is no such workflow."),
+        ({"workflow": "fast", "inputs": [1]}, "The inputs must be an object."),
+    ],
+)
+def test_refusals_are_sentences(alice_api, workflows, body, message):
+    reply = alice_api.post("/api/v1/tasks", body)
+    assert reply.status_code == 400
+    assert reply.json()["error"]["message"] == message
+    assert Task.objects.count() == 0
+
+
+def test_an_unknown_address_and_a_wrong_method_are_sentences(alice_api):
+    assert alice_api.get("/api/v1/nothing").json()["error"]["message"] == (
+        "There is nothing at this address; the API is described at /api/v1/openapi.json."
+    )
+    assert alice_api.post("/api/v1/workflows").json()["error"]["message"] == "This address answers GET only."
