@@ -5,12 +5,12 @@ import logging
 import math
 from functools import wraps
 
+from django import forms
 from django.conf import settings
 from django.core.exceptions import BadRequest, PermissionDenied, RequestDataTooBig, SuspiciousOperation
 from django.http import Http404, HttpResponseServerError, JsonResponse
 from django.http.multipartparser import MultiPartParserError
 from django.middleware.csrf import CsrfViewMiddleware
-from django.shortcuts import get_object_or_404
 from django.template import loader
 from django.urls import reverse
 from django.views import defaults
@@ -18,14 +18,15 @@ from django.views.decorators.csrf import csrf_exempt
 
 from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address, wait_message
 from tasks.downloads import output_response, own_outputs
-from tasks.models import ApiToken, TaskStatus
-from tasks.params import BindingError, check_tree
-from tasks.submission import QuotaExceeded, create_task, describe_size, store_upload, user_tasks
+from tasks.models import STATUS_FILTERS, ApiToken, TaskStatus, Workflow
+from tasks.params import BindingError, check_tree, describe
+from tasks.submission import IdempotencyConflict, QuotaExceeded, create_task, describe_size, store_upload, user_tasks
 from tasks.views import public_details, public_text, server_hosts
 
 logger = logging.getLogger(__name__)
 
 MAX_LIST = 200
+DEFAULT_LIST = 50
 MAX_OFFSET = 10**9
 # Deeper JSON is refused before anything walks it: inputs are flat, and ComfyUI graphs are a few levels deep.
 MAX_JSON_DEPTH = 64
@@ -37,10 +38,31 @@ def error(status, code, message, details=None):
     )
 
 
+class ApiError(Exception):
+    """An answer in the error shape, raised from anywhere under a view; api_view turns it into the response."""
+
+    def __init__(self, status, code, message, details=None):
+        super().__init__(message)
+        self.response = error(status, code, message, details)
+
+
+def own(queryset, pk, noun):
+    """
+    One of the user's own objects (`queryset` is already filtered to the user), or a 404 that reads the same
+    whether the object belongs to someone else or does not exist at all.
+    """
+    found = queryset.filter(pk=pk).first()
+    if found is None:
+        raise ApiError(404, "not_found", f"There is no {noun} with this id.")
+    return found
+
+
 def page_not_found(request, exception=None):
     """The site's 404 (handler404): JSON under /api/ (a malformed id, a typo), the HTML page elsewhere."""
     if request.path.startswith("/api/"):
-        return error(404, "not_found", "No such resource. The API is described at /api/v1/openapi.json.")
+        return error(
+            404, "not_found", "There is nothing at this address; the API is described at /api/v1/openapi.json."
+        )
     return defaults.page_not_found(request, exception)
 
 
@@ -68,7 +90,7 @@ def api_view(*methods):
         @wraps(view)
         def wrapper(request, *args, **kwargs):
             if request.method not in methods:
-                return error(405, "method_not_allowed", f"Use {' or '.join(methods)} here.")
+                return error(405, "method_not_allowed", f"This address answers {' or '.join(methods)} only.")
             header = request.headers.get("Authorization", "")
             if header:
                 scheme, _, token = header.partition(" ")
@@ -88,15 +110,17 @@ def api_view(*methods):
                     # The check reads the form's csrfmiddlewaretoken, and so parses the body first.
                     return error(400, "bad_request", "The request could not be read.")
                 if refused is not None:
-                    return error(403, "csrf_failed", "CSRF check failed: send the X-CSRFToken header.")
+                    return error(403, "csrf_failed", "The CSRF check failed: send the X-CSRFToken header.")
             try:
                 return view(request, *args, **kwargs)
+            except ApiError as exc:
+                return exc.response
             except RequestDataTooBig:
                 return error(413, "too_large", "The request body is too large.")
             except (SuspiciousOperation, MultiPartParserError, BadRequest):
                 return error(400, "bad_request", "The request could not be read.")
             except Http404:
-                return error(404, "not_found", "Not found.")
+                return error(404, "not_found", "There is nothing here, or it is not yours.")
             except PermissionDenied:
                 return error(403, "forbidden", "You may not do that.")
             except Exception:
@@ -220,48 +244,105 @@ def tasks_collection(request):
             return error(403, "forbidden", str(exc))
         except QuotaExceeded as exc:
             return error(429, "too_many_tasks", str(exc))
+        except IdempotencyConflict as exc:
+            return error(
+                409,
+                "idempotency_key_reused",
+                str(exc),
+                {"idempotency_key": f"was sent with a different body for task {exc.task.pk}; use a new key"},
+            )
         if created:  # as it was just written: no server, no outputs yet
             return JsonResponse(task_json(task, request, outputs=()), status=201)
         task = user_tasks(request.user).get(pk=task.pk)
         return JsonResponse(task_json(task, request), status=200)
+    query = TaskListQuery(request.GET)
+    if not query.is_valid():
+        details = {field: " ".join(messages) for field, messages in query.errors.items()}
+        return error(400, "invalid", "The query is not valid: see details for each parameter.", details)
     tasks = user_tasks(request.user)
-    status = request.GET.get("status")
-    if status:
-        if status not in TaskStatus.values:
-            return error(
-                400, "invalid", "Unknown status.", {"status": f"use one of {', '.join(TaskStatus.values)}"}
-            )
-        tasks = tasks.filter(status=status)
-    try:
-        limit = min(int(request.GET.get("limit", 50)), MAX_LIST)
-        # Past a 64-bit integer the database driver raises instead of finding nothing.
-        offset = min(max(int(request.GET.get("offset", 0)), 0), MAX_OFFSET)
-    except ValueError:
-        return error(400, "invalid", "limit and offset must be whole numbers.")
+    if query.cleaned_data["status"]:
+        tasks = tasks.with_status(query.cleaned_data["status"])
+    limit = query.cleaned_data["limit"] or DEFAULT_LIST
+    offset = query.cleaned_data["offset"] or 0
     return JsonResponse(
-        {
-            "count": tasks.count(),
-            "tasks": [task_json(task, request) for task in tasks[offset : offset + max(limit, 0)]],
-        }
+        {"count": tasks.count(), "tasks": [task_json(task, request) for task in tasks[offset : offset + limit]]}
     )
+
+
+NUMBER_ERRORS = {
+    "invalid": "must be a whole number",
+    "min_value": "must be at least %(limit_value)s",
+    "max_value": "must be at most %(limit_value)s",
+}
+
+
+class TaskListQuery(forms.Form):
+    """The query of GET /api/v1/tasks: the task page's status filters, and a page within bounds."""
+
+    status = forms.ChoiceField(
+        choices=[(name, name) for name in STATUS_FILTERS],
+        required=False,
+        error_messages={"invalid_choice": f"must be one of {', '.join(STATUS_FILTERS)}"},
+    )
+    limit = forms.IntegerField(min_value=1, max_value=MAX_LIST, required=False, error_messages=NUMBER_ERRORS)
+    # Past a 64-bit integer the database driver raises instead of finding nothing.
+    offset = forms.IntegerField(min_value=0, max_value=MAX_OFFSET, required=False, error_messages=NUMBER_ERRORS)
 
 
 @api_view("GET")
 def task_detail(request, pk):
-    return JsonResponse(task_json(get_object_or_404(user_tasks(request.user), pk=pk), request))
+    return JsonResponse(task_json(own(user_tasks(request.user), pk, "task"), request))
+
+
+ALREADY_ENDED = {
+    TaskStatus.SUCCEEDED: "The task has already succeeded; there is nothing to cancel.",
+    TaskStatus.FAILED: "The task has already failed; there is nothing to cancel.",
+    TaskStatus.CANCELLED: "The task has already been cancelled.",
+}
 
 
 @api_view("POST")
 def task_cancel(request, pk):
-    task = get_object_or_404(user_tasks(request.user), pk=pk)
+    task = own(user_tasks(request.user), pk, "task")
     if not task.request_cancel():
-        return error(409, "not_active", f"The task is {task.status}; only an active task can be cancelled.")
+        task.refresh_from_db(fields=["status"])
+        # Queued when read, sent to a server before the cancel landed: ask again, now of its server.
+        if not (task.is_active and task.request_cancel()):
+            message = ALREADY_ENDED.get(task.status, f"The task is {task.status} and cannot be cancelled.")
+            return error(409, "not_active", message)
     return JsonResponse(task_json(user_tasks(request.user).get(pk=pk), request))
 
 
 @api_view("GET")
 def output_file(request, pk):
-    return output_response(request, get_object_or_404(own_outputs(request.user), pk=pk))
+    output = own(own_outputs(request.user), pk, "output")
+    try:
+        return output_response(request, output)
+    except Http404 as exc:  # the owner's own output whose file is gone: the sentence is written for them
+        raise ApiError(404, "not_found", str(exc)) from None
+
+
+def workflow_json(workflow):
+    return {
+        "slug": workflow.slug,
+        "name": workflow.name,
+        "description": workflow.description,
+        "parameters": [describe(param) for param in workflow.parameters],
+    }
+
+
+@api_view("GET")
+def workflows_collection(request):
+    workflows = [workflow_json(workflow) for workflow in Workflow.objects.filter(enabled=True)]
+    return JsonResponse({"count": len(workflows), "workflows": workflows})
+
+
+@api_view("GET")
+def workflow_detail(request, slug):
+    workflow = Workflow.objects.filter(enabled=True, slug=slug).first()
+    if workflow is None:
+        return error(404, "not_found", f"There is no workflow {slug!r}.")
+    return JsonResponse(workflow_json(workflow))
 
 
 UPLOAD_OVERHEAD = 64 * 1024  # multipart boundaries and headers around the image

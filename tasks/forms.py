@@ -9,7 +9,7 @@ from django.conf import settings
 from django.db import transaction
 
 from tasks.models import Upload
-from tasks.params import SEED_MAX, BindingError, color_hex
+from tasks.params import SEED_MAX, BindingError, color_hex, is_multiline, label_of
 from tasks.submission import QuotaExceeded, create_task, read_image, store_upload
 
 BATCH_MAX = 8
@@ -95,14 +95,13 @@ class WorkflowForm(forms.Form):
         kind = param["type"]
         required = param.get("required", True) is not False
         common = {
-            "label": param.get("label") or param["name"].replace("_", " ").capitalize(),
+            "label": label_of(param),
             "help_text": param.get("help", ""),
             "required": required and kind != "seed",
             "initial": param.get("default"),
         }
         if kind == "text":
-            multiline = param.get("multiline") or param["name"] in ("prompt", "negative")
-            widget = forms.Textarea(attrs={"rows": 3}) if multiline else forms.TextInput()
+            widget = forms.Textarea(attrs={"rows": 3}) if is_multiline(param) else forms.TextInput()
             if not required:
                 common["help_text"] = common["help_text"] or "May be left empty."
             return forms.CharField(max_length=param.get("max_length", 10_000), widget=widget, strip=False, **common)

@@ -7,16 +7,18 @@ to an answer of tasks/api.py that is not reflected here fails the tests.
 from django.http import JsonResponse
 from django.views.decorators.http import require_GET
 
-from tasks.models import TaskStatus
-from tasks.params import SEED_MAX
+from tasks.api import DEFAULT_LIST, MAX_LIST, MAX_OFFSET
+from tasks.models import STATUS_FILTERS, TaskStatus
+from tasks.params import PARAMETER_TYPES, SEED_MAX
 from tasks.submission import PRIORITY_LIMIT
 
 ERROR_CODES = {
     400: "Bad input: `details` maps each offending field to a sentence.",
     401: "No credentials, or a bearer token that is unknown or revoked.",
     403: "Not allowed (raw graphs without the permission, raising priority without staff), or a failed CSRF check.",
-    404: "Not found, or not yours: another user's task, output or upload is a 404 too.",
-    409: "The task already ended.",
+    404: "Not found, or not yours: another user's task, output or upload is a 404 too, with the same message.",
+    409: "Cancel: the task already ended (`not_active`). Submit: the idempotency_key came earlier with another "
+    "body (`idempotency_key_reused`).",
     413: "The request body is too large.",
     429: "Too many tasks waiting for this user, or too many failed token attempts from this address.",
 }
@@ -159,7 +161,8 @@ SCHEMAS = {
             },
             "idempotency_key": {
                 "type": "string", "minLength": 1, "maxLength": 200,
-                "description": "The same key from the same user returns the same task (200) instead of a new one.",
+                "description": "The same key with the same body (in any key order) from the same user returns the "
+                "same task (200) instead of a new one; the same key with another body is a 409.",
             },
             "priority": {
                 "type": "integer", "minimum": -PRIORITY_LIMIT, "maximum": PRIORITY_LIMIT,
@@ -167,6 +170,52 @@ SCHEMAS = {
             },
         },
         "example": {"workflow": "txt2img", "inputs": {"prompt": "a red fox in snow", "steps": 20}},
+    },
+    "WorkflowParameter": {
+        "type": "object",
+        "required": [
+            "name", "label", "type", "default", "random", "min", "max", "step", "choices", "max_length", "required",
+            "multiline", "help",
+        ],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "description": "The key to use in a submission's `inputs`."},
+            "label": {"type": "string"},
+            "type": {
+                "type": "string", "enum": list(PARAMETER_TYPES),
+                "description": "color: a number 0 … 16777215 or \"#rrggbb\"; image: the id of one of your uploads.",
+            },
+            "default": {"description": "Used when the input is left out; null when there is none."},
+            "random": {"type": "boolean", "description": "A seed left out is drawn at random."},
+            "min": _nullable({"type": "number"}),
+            "max": _nullable({"type": "number"}),
+            "step": _nullable({"type": "number", "description": "A number must be min + k × step."}),
+            "choices": _nullable({"type": "array", "description": "The values a choice accepts."}),
+            "max_length": _nullable({"type": "integer", "description": "For text: at most this many characters."}),
+            "required": {"type": "boolean", "description": "No task can be made without it (no default)."},
+            "multiline": {"type": "boolean", "description": "Text that takes paragraphs (a prompt)."},
+            "help": {"type": "string"},
+        },
+    },
+    "Workflow": {
+        "type": "object",
+        "required": ["slug", "name", "description", "parameters"],
+        "additionalProperties": False,
+        "properties": {
+            "slug": {"type": "string", "description": "What a submission's `workflow` names."},
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "parameters": {"type": "array", "items": _ref("WorkflowParameter")},
+        },
+    },
+    "WorkflowList": {
+        "type": "object",
+        "required": ["count", "workflows"],
+        "additionalProperties": False,
+        "properties": {
+            "count": {"type": "integer", "minimum": 0},
+            "workflows": {"type": "array", "items": _ref("Workflow")},
+        },
     },
     "Upload": {
         "type": "object",
@@ -190,12 +239,18 @@ PATHS = {
             "operationId": "listTasks",
             "summary": "Your tasks, newest first.",
             "parameters": [
-                {"name": "status", "in": "query", "schema": {"type": "string", "enum": list(TaskStatus.values)}},
                 {
-                    "name": "limit", "in": "query", "description": "At most 200; 50 when absent.",
-                    "schema": {"type": "integer", "default": 50},
+                    "name": "status", "in": "query", "description": "`active`: not ended yet; or one status.",
+                    "schema": {"type": "string", "enum": list(STATUS_FILTERS)},
                 },
-                {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}},
+                {
+                    "name": "limit", "in": "query", "description": f"1 to {MAX_LIST}; {DEFAULT_LIST} when absent.",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST, "default": DEFAULT_LIST},
+                },
+                {
+                    "name": "offset", "in": "query",
+                    "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
+                },
             ],
             "responses": {"200": _json(_ref("TaskList"), "Your tasks."), **_errors(400)},
         },
@@ -205,8 +260,8 @@ PATHS = {
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("TaskSubmission")}}},
             "responses": {
                 "201": _json(_ref("Task"), "Created, queued."),
-                "200": _json(_ref("Task"), "The task created earlier with the same idempotency_key."),
-                **_errors(400, 403, 413),
+                "200": _json(_ref("Task"), "The task created earlier with the same idempotency_key and body."),
+                **_errors(400, 403, 409, 413),
             },
         },
     },
@@ -224,6 +279,26 @@ PATHS = {
             "summary": "Cancel a task: a queued one at once, one on a server is removed from its queue or interrupted.",
             "parameters": [_uuid_path("The task's id.")],
             "responses": {"200": _json(_ref("Task"), "Cancelling (or cancelled)."), **_errors(403, 404, 409)},
+        },
+    },
+    "/api/v1/workflows": {
+        "get": {
+            "operationId": "listWorkflows",
+            "summary": "The workflows you may run, with the parameters each takes.",
+            "responses": {"200": _json(_ref("WorkflowList"), "The enabled workflows, by name."), **_errors()},
+        },
+    },
+    "/api/v1/workflows/{slug}": {
+        "get": {
+            "operationId": "getWorkflow",
+            "summary": "One workflow and its parameters.",
+            "parameters": [
+                {
+                    "name": "slug", "in": "path", "required": True, "description": "The workflow's slug.",
+                    "schema": {"type": "string", "pattern": "^[-a-zA-Z0-9_]+$"},
+                },
+            ],
+            "responses": {"200": _json(_ref("Workflow"), "The workflow."), **_errors(404)},
         },
     },
     "/api/v1/outputs/{id}": {

@@ -261,6 +261,42 @@ def _check_step(value, param):
     raise ValueError(f"must be {start} ({below} or {above}, for instance)")
 
 
+def label_of(param):
+    """The label a declaration shows: its own, else its name in words ("blur_radius" → "Blur radius")."""
+    return param.get("label") or param["name"].replace("_", " ").capitalize()
+
+
+def is_multiline(param):
+    """Whether a text parameter takes paragraphs: declared so, or a prompt."""
+    return param["type"] == "text" and bool(param.get("multiline") or param["name"] in ("prompt", "negative"))
+
+
+def describe(param):
+    """
+    A declaration as an API user needs it to fill it in, without the node and input it lands on. `required`: the
+    task cannot be made without a value (no default, no random seed); `default` null for a seed drawn at random.
+    """
+    kind = param["type"]
+    seed = kind == "seed"
+    random_seed = seed and (param.get("random") is not False or param.get("default") is None)  # as bind() does
+    has_default = "default" in param and not random_seed
+    return {
+        "name": param["name"],
+        "label": label_of(param),
+        "type": kind,
+        "default": param["default"] if has_default else None,
+        "random": random_seed,
+        "min": 0 if seed else param.get("min"),
+        "max": SEED_MAX if seed else param.get("max"),
+        "step": param.get("step") if kind in ("int", "float") else None,
+        "choices": param.get("choices") if kind == "choice" else None,
+        "max_length": param.get("max_length", MAX_TEXT) if kind == "text" else None,
+        "required": not (seed or has_default) and param.get("required", True) is not False,
+        "multiline": is_multiline(param),
+        "help": param.get("help", ""),
+    }
+
+
 def color_hex(value):
     """A colour parameter's value as the browser's colour field shows it: #rrggbb."""
     try:
@@ -275,7 +311,7 @@ def bind(graph, parameters, inputs, find_upload):
     Returns (graph, cleaned inputs, image inputs [{"node", "input", "upload"}]); raises BindingError.
     """
     if not isinstance(inputs, dict):
-        raise BindingError("inputs must be an object", {"inputs": "must be an object of parameter values"})
+        raise BindingError("The inputs must be an object.", {"inputs": "must be an object of parameter values"})
     declared = {param["name"]: param for param in parameters}
     errors = {printable(str(name)): "is not a parameter of this workflow" for name in inputs if name not in declared}
     graph = copy.deepcopy(graph)

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import json
 import re
 import secrets
 import uuid
@@ -99,30 +100,58 @@ def check_quota(user):
         )
 
 
+class IdempotencyConflict(Exception):
+    """An idempotency key the user already sent with another body: answering with that task would be a lie."""
+
+    def __init__(self, task):
+        super().__init__("This idempotency key was used for another request.")
+        self.task = task
+
+
+def body_digest(body):
+    """SHA-256 of `body` as canonical JSON (keys sorted, no spaces): the same request in any key order matches."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def earlier_task(user, key, digest):
+    """The task created earlier with `key`, or None; IdempotencyConflict when it came with another body."""
+    existing = user_tasks(user).filter(idempotency_key=key).first()
+    if existing is not None and existing.idempotency_body and existing.idempotency_body != digest:
+        raise IdempotencyConflict(existing)
+    return existing
+
+
 def create_task(user, body):
-    """Validate a submission and create its task; returns (task, created) or raises BindingError / PermissionError."""
+    """
+    Validate a submission and create its task; returns (task, created) or raises BindingError, PermissionError,
+    QuotaExceeded or IdempotencyConflict.
+    """
     # Before anything looks text up: a lone surrogate in a slug or key is a database error on PostgreSQL.
     check_tree(body)
     allowed = {"workflow", "inputs", "prompt", "idempotency_key", "priority"}
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise BindingError("Unknown fields.", dict.fromkeys(unknown, "is not a field of a task"))
+        raise BindingError(
+            "The body has fields a task does not take.", dict.fromkeys(unknown, "is not a field of a task")
+        )
     key = body.get("idempotency_key")
     if key is not None and (not isinstance(key, str) or not 0 < len(key) <= 200):
         raise BindingError(
-            "Invalid idempotency_key.", {"idempotency_key": "must be a string of 1 to 200 characters"}
+            "The idempotency_key is not valid.", {"idempotency_key": "must be a string of 1 to 200 characters"}
         )
+    digest = body_digest(body) if key is not None else ""
     if key is not None:
-        existing = user_tasks(user).filter(idempotency_key=key).first()
+        existing = earlier_task(user, key, digest)
         if existing is not None:
             return existing, False
     priority = body.get("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool):
-        raise BindingError("Invalid priority.", {"priority": "must be a whole number"})
+        raise BindingError("The priority is not valid.", {"priority": "must be a whole number"})
     if not -PRIORITY_LIMIT <= priority <= PRIORITY_LIMIT:
         # The column is a 32-bit integer: a larger number would be a database error, not an answer.
         raise BindingError(
-            "Invalid priority.", {"priority": f"must be between {-PRIORITY_LIMIT} and {PRIORITY_LIMIT}"}
+            "The priority is not valid.", {"priority": f"must be between {-PRIORITY_LIMIT} and {PRIORITY_LIMIT}"}
         )
     if priority > 0 and not user.is_staff:
         raise PermissionError("Only staff may raise a task's priority.")
@@ -137,7 +166,7 @@ def create_task(user, body):
         slug = body["workflow"]
         workflow = Workflow.objects.filter(slug=slug, enabled=True).first() if isinstance(slug, str) else None
         if workflow is None:
-            raise BindingError("Unknown workflow.", {"workflow": f"there is no workflow {slug!r}"})
+            raise BindingError("There is no such workflow.", {"workflow": f"there is no workflow {slug!r}"})
         graph, inputs, images = bind(
             workflow.graph,
             workflow.parameters,
@@ -165,6 +194,7 @@ def create_task(user, body):
                 image_inputs=images,
                 graph_hash=graph_hash,
                 idempotency_key=key,
+                idempotency_body=digest,
                 priority=priority,
             )
             TaskEvent.objects.create(task=task, kind="created", to_status=TaskStatus.QUEUED)
@@ -173,7 +203,10 @@ def create_task(user, body):
             transaction.on_commit(lambda: emit_task_update(task, created=True))
     except IntegrityError:
         # The same idempotency key arrived twice at once: the other request created the task.
-        return user_tasks(user).get(idempotency_key=key), False
+        existing = earlier_task(user, key, digest) if key is not None else None
+        if existing is None:
+            raise
+        return existing, False
     return task, True
 
 
@@ -200,7 +233,7 @@ def read_image(upload):
             "The file is not an image.", {"image": "must be a PNG, JPEG or WebP image"}
         ) from None
     if fmt not in UPLOAD_FORMATS:
-        raise BindingError("Unsupported image format.", {"image": "must be a PNG, JPEG or WebP image"})
+        raise BindingError("The image format is not supported.", {"image": "must be a PNG, JPEG or WebP image"})
     if width * height > Image.MAX_IMAGE_PIXELS:
         # A few kilobytes of PNG can claim gigabytes of pixels; ComfyUI would decode them all.
         raise BindingError(

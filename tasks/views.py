@@ -15,12 +15,11 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_POST
 
 from tasks import outputs
-from tasks.models import ACTIVE_STATUSES, TaskStatus, Upload, Workflow
+from tasks.models import ACTIVE_STATUSES, STATUS_FILTERS, TaskStatus, Upload, Workflow
 from tasks.params import BindingError
 from tasks.queue import pool_state, queue_positions
 from tasks.submission import QuotaExceeded, create_task, user_tasks
 
-STATUS_FILTERS = ["active", *TaskStatus.values]
 PAGE_SIZE = 50
 
 

@@ -33,6 +33,8 @@ class TaskStatus(models.TextChoices):
 ACTIVE_STATUSES = (TaskStatus.QUEUED, TaskStatus.SUBMITTED, TaskStatus.RUNNING)
 ON_SERVER_STATUSES = (TaskStatus.SUBMITTED, TaskStatus.RUNNING)
 TERMINAL_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+# What a task list may be filtered by, on the page and in the API: "active" (not ended yet) or one status.
+STATUS_FILTERS = ("active", *TaskStatus.values)
 
 
 def binding(server, prompt_id, attempts=None):
@@ -50,6 +52,10 @@ class TaskQuerySet(models.QuerySet):
 
     def active(self):
         return self.filter(status__in=ACTIVE_STATUSES)
+
+    def with_status(self, name):
+        """The tasks a status filter (one of STATUS_FILTERS) shows."""
+        return self.active() if name == "active" else self.filter(status=name)
 
     def on_server(self, server):
         return self.filter(server=server, status__in=ON_SERVER_STATUSES)
@@ -72,6 +78,9 @@ class Task(models.Model):
     # [{"node": id, "input": name, "upload": upload id}]: images copied to the task's server before the prompt.
     image_inputs = JSONField(default=list, blank=True)
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001  (NULL: no key, not unique)
+    # SHA-256 of the canonical body that came with the key: the same key with another body is refused, not answered
+    # with a task that does something else. Empty on tasks stored before it was kept (any body matches those).
+    idempotency_body = models.CharField(max_length=64, blank=True, editable=False)
     priority = models.IntegerField(default=0)
 
     status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.QUEUED)

@@ -75,7 +75,8 @@ def test_the_answers_random_ids_never_reach_match_the_document(bearer):
         return response
 
     def template(path):
-        return re.sub(r"/[0-9a-f-]{36}", "/{id}", urlsplit(path).path)
+        path = re.sub(r"^/api/v1/workflows/[-\w]+$", "/api/v1/workflows/{slug}", urlsplit(path).path)
+        return re.sub(r"/[0-9a-f-]{36}", "/{id}", path)
 
     body = json.dumps({"workflow": "txt2img", "inputs": {"prompt": "a red fox in snow"}})
     created = [
@@ -101,6 +102,17 @@ def test_the_answers_random_ids_never_reach_match_the_document(bearer):
     answer("GET", output["url"] + "?download=1", 200)
     answer("POST", "/api/v1/uploads", 201, data={"image": (io.BytesIO(png()), "fox.png")})
     answer("GET", "/api/v1/openapi.json", 200)
+
+    assert answer("GET", "/api/v1/workflows", 200).get_json()["count"] == 5
+    assert answer("GET", "/api/v1/workflows/txt2img", 200).get_json()["parameters"]
+    answer("GET", "/api/v1/workflows/no-such", 404)
+    answer("GET", "/api/v1/tasks?status=active", 200)
+    answer("GET", "/api/v1/tasks?limit=0", 400)
+    keyed = {"workflow": "fast", "inputs": {}, "idempotency_key": "fuzz-1"}
+    answer("POST", "/api/v1/tasks", 201, data=json.dumps(keyed), content_type="application/json")
+    answer("POST", "/api/v1/tasks", 200, data=json.dumps(keyed), content_type="application/json")
+    other = json.dumps({**keyed, "inputs": {"color": 0}})
+    answer("POST", "/api/v1/tasks", 409, data=other, content_type="application/json")
 
 
 def png():

@@ -32,6 +32,7 @@ SECRET_UPLOAD = "alice-secret-upload.png"
 # Routes whose parameters are not ids of anyone's objects, and why. Anything else with a parameter must take ids.
 NOT_OWNED = {
     "submit": "a workflow slug: workflows are shared by every user (?from=<task> is tested below)",
+    "api-workflow": "a workflow slug: workflows are shared by every user; a disabled one is a 404 to all",
     "password_reset_confirm": "a signed token from a reset e-mail, checked by Django",
     # The pool's servers belong to no user; these staff-only POSTs answer 404 to everyone else
     # (tests/ops/test_actions.py).
