@@ -13,28 +13,14 @@ from servers.wake import notify_work
 from tasks.fields import JSONField
 from tasks.models.affinity import release_affinity
 from tasks.models.events import TaskEvent, update_and_record
-
-
-class TaskStatus(models.TextChoices):
-    QUEUED = "queued", "queued"
-    """Waiting in the hub for a server."""
-    SUBMITTED = "submitted", "submitted"
-    """Bound to a server and prompt_id; sent (or being sent) to its queue."""
-    RUNNING = "running", "running"
-    """The server has started executing it."""
-    SUCCEEDED = "succeeded", "succeeded"
-    """Finished and every output is in hub storage."""
-    FAILED = "failed", "failed"
-    """Finished with an error stored on the task."""
-    CANCELLED = "cancelled", "cancelled"
-    """Stopped at a user's request."""
-
-
-ACTIVE_STATUSES = (TaskStatus.QUEUED, TaskStatus.SUBMITTED, TaskStatus.RUNNING)
-ON_SERVER_STATUSES = (TaskStatus.SUBMITTED, TaskStatus.RUNNING)
-TERMINAL_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
-# What a task list may be filtered by, on the page and in the API: "active" (not ended yet) or one status.
-STATUS_FILTERS = ("active", *TaskStatus.values)
+from tasks.models.status import (  # noqa: F401  (re-exported: the task's states belong with it)
+    ACTIVE_STATUSES,
+    ON_SERVER_STATUSES,
+    STATUS_FILTERS,
+    TERMINAL_STATUSES,
+    TaskQuerySet,
+    TaskStatus,
+)
 
 
 def binding(server, prompt_id, attempts=None):
@@ -44,27 +30,6 @@ def binding(server, prompt_id, attempts=None):
         "accepted_at": None, "started_at": None, "progress": 0.0,
         "attempts": F("attempts") + 1 if attempts is None else attempts, "waiting_reason": "",
     }  # fmt: skip
-
-
-class TaskQuerySet(models.QuerySet):
-    def queued(self):
-        return self.filter(status=TaskStatus.QUEUED)
-
-    def active(self):
-        return self.filter(status__in=ACTIVE_STATUSES)
-
-    def with_status(self, name):
-        """The tasks a status filter (one of STATUS_FILTERS) shows."""
-        return self.active() if name == "active" else self.filter(status=name)
-
-    def on_server(self, server):
-        return self.filter(server=server, status__in=ON_SERVER_STATUSES)
-
-    def for_user(self, user):
-        return self.filter(owner=user)
-
-    def quiet(self, for_):
-        return self.active().filter(last_event_at__lt=timezone.now() - for_)
 
 
 class Task(models.Model):
@@ -378,10 +343,14 @@ class Task(models.Model):
 
     def request_cancel(self):
         """Cancel now if still in the hub; otherwise ask the server's supervisor to remove or interrupt it."""
-        if self.status == TaskStatus.QUEUED and self.mark_cancelled(
-            "cancelled before it was sent", match_prompt=False
-        ):
-            return True
+        if self.status == TaskStatus.QUEUED:
+            # Only a task the database still has queued ends here: one a supervisor sent meanwhile is on a server,
+            # and cancelling it in the hub alone would leave its prompt running there.
+            finished = {"finished_at": timezone.now()}
+            if self._transition("cancelled", (TaskStatus.QUEUED,), TaskStatus.CANCELLED, match_prompt=False,
+                                message="cancelled before it was sent", **finished):
+                return True
+            self.refresh_from_db(fields=["status", "server", "prompt_id"])
         if self.status not in ON_SERVER_STATUSES:
             return False
         updated = Task.objects.filter(

@@ -5,6 +5,7 @@ import pytest
 from django.test import Client
 from PIL import Image
 
+from servers.models import Server
 from tasks.models import Task, TaskEvent, TaskStatus, Upload
 
 pytestmark = pytest.mark.django_db
@@ -219,3 +220,16 @@ def test_unknown_site_paths_keep_the_html_404(client):
     reply = client.get("/no-such-page/")
     assert reply.status_code == 404
     assert reply["Content-Type"].startswith("text/html")
+
+
+def test_a_cancel_read_as_queued_of_a_task_sent_meanwhile_asks_its_server(alice, workflows):
+    """A page or the API read the task queued; a supervisor sent it before the cancel came: it is not ended in the
+    hub alone (its prompt would run on), its server's supervisor is asked to remove it."""
+    server = Server.objects.create(name="gpu-c", base_url="http://127.0.0.1:9")
+    task = Task.objects.create(owner=alice, workflow=workflows["fast"], graph={})
+    Task.objects.filter(pk=task.pk).update(status=TaskStatus.SUBMITTED, server=server, prompt_id="p-1")
+    assert task.status == TaskStatus.QUEUED  # what the caller holds
+    assert task.request_cancel()
+    task.refresh_from_db()
+    assert task.status == TaskStatus.SUBMITTED and task.cancel_requested_at is not None
+    assert task.finished_at is None
