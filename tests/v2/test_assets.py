@@ -252,6 +252,19 @@ def test_a_file_path_that_is_not_text_is_refused(as_alice):
     assert not Asset.objects.exists()
 
 
+def test_an_upload_without_a_file_is_422(as_alice):
+    reply = as_alice.client.post("/api/v2/assets", {"file_path": "photo.png"})
+    assert reply.status_code == 422
+    assert reply.json()["error"]["code"] == "invalid_request"
+    assert "file" in str(reply.json()["error"]["details"])
+
+
+def test_the_asset_endpoints_are_described_in_openapi(as_alice):
+    paths = as_alice.get("/api/v2/openapi.json").json()["paths"]
+    assert {"/api/v2/assets", "/api/v2/assets/from-hash", "/api/v2/assets/by-hash/{hash}"} <= set(paths)
+    assert "head" in paths["/api/v2/assets/by-hash/{hash}"]
+
+
 def test_without_a_valid_token_it_is_401(as_alice):
     asset = as_alice.upload(png()).json()
     for client in (Client(), Client(HTTP_AUTHORIZATION="Bearer ch_nonsense")):
