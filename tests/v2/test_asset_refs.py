@@ -53,6 +53,17 @@ def test_a_reference_becomes_the_users_upload_of_the_same_bytes(alice):
 
 
 @pytest.mark.django_db
+def test_deleting_the_asset_leaves_the_upload_a_job_uses(alice, django_capture_on_commit_callbacks):
+    asset = uploaded(alice)
+    _, images = resolve_asset_refs(alice, referencing(asset.pk))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert V2(alice).delete(f"/api/v2/assets/{asset.pk}").status_code == 204
+    upload = Upload.objects.get(pk=images[0]["upload"])
+    with upload.file.open("rb") as file:
+        assert hashlib.sha256(file.read()).hexdigest() == asset.sha256
+
+
+@pytest.mark.django_db
 def test_the_same_bytes_are_one_upload_however_often_referenced(alice):
     asset = uploaded(alice)
     graph = referencing(asset.pk)

@@ -294,6 +294,7 @@ def test_a_job_output_is_an_asset_of_its_owner(as_alice, as_bob, alice):
     assert content(as_alice.get(f"/api/v2/assets/{asset.pk}/content")) == data
     assert as_bob.get(f"/api/v2/assets/{asset.pk}").status_code == 404
     assert as_bob.head(f"/api/v2/assets/by-hash/{body['hash']}").status_code == 404
+    assert as_bob.from_hash(body["hash"]).status_code == 404
     refused = as_alice.delete(f"/api/v2/assets/{asset.pk}")
     assert refused.status_code == 409
     assert default_storage.exists(asset.file.name)
