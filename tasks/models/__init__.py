@@ -1,9 +1,11 @@
 """
 The tasks app's models, one module per noun: workflow.py, task.py (the state machine), events.py (its trail),
-affinity.py, files.py (outputs and uploads) and tokens.py. Everything is importable from tasks.models.
+affinity.py, files.py (outputs and uploads), assets.py (the v2 API's files) and tokens.py. Everything is importable
+from tasks.models.
 """
 
 from tasks.models.affinity import affinity_keys, graph_digest, release_affinity
+from tasks.models.assets import Asset, blake3_of
 from tasks.models.events import TaskEvent, update_and_record
 from tasks.models.files import DOWNLOAD_TYPE, INLINE_TYPES, TaskOutput, Upload, output_path, upload_path
 from tasks.models.task import (
@@ -27,6 +29,7 @@ __all__ = [
     "STATUS_FILTERS",
     "TERMINAL_STATUSES",
     "ApiToken",
+    "Asset",
     "Task",
     "TaskEvent",
     "TaskOutput",
@@ -37,6 +40,7 @@ __all__ = [
     "Workflow",
     "affinity_keys",
     "binding",
+    "blake3_of",
     "update_and_record",
     "graph_digest",
     "hash_token",
