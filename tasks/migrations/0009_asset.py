@@ -10,7 +10,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('tasks', '0007_output_pixel_size'),
+        ('tasks', '0008_task_idempotency_body'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
