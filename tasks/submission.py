@@ -54,6 +54,11 @@ def _with_prefixes(graph, make):
     return {**graph, **changed}
 
 
+def plain_output_names(graph):
+    """`graph` as its author sent it, near enough: every filename_prefix without the prefix this hub put first."""
+    return _with_prefixes(graph, lambda name: name)
+
+
 def private_output_names(graph):
     """
     Return (the graph to send, its affinity hash). Every SaveImage-like node (any input named filename_prefix:
@@ -99,8 +104,11 @@ def check_quota(user):
         )
 
 
-def create_task(user, body):
-    """Validate a submission and create its task; returns (task, created) or raises BindingError / PermissionError."""
+def create_task(user, body, fields=None):
+    """
+    Validate a submission and create its task; returns (task, created) or raises BindingError / PermissionError.
+    `fields`: more columns of a new task (the v2 API's request hash and labels), written with it in one statement.
+    """
     # Before anything looks text up: a lone surrogate in a slug or key is a database error on PostgreSQL.
     check_tree(body)
     allowed = {"workflow", "inputs", "prompt", "idempotency_key", "priority"}
@@ -166,6 +174,7 @@ def create_task(user, body):
                 graph_hash=graph_hash,
                 idempotency_key=key,
                 priority=priority,
+                **(fields or {}),
             )
             TaskEvent.objects.create(task=task, kind="created", to_status=TaskStatus.QUEUED)
             transaction.on_commit(notify_work)

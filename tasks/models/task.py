@@ -73,6 +73,10 @@ class Task(models.Model):
     image_inputs = JSONField(default=list, blank=True)
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001  (NULL: no key, not unique)
     priority = models.IntegerField(default=0)
+    # A hash of the v2 request an idempotency key was first used with: the key again with another body is refused.
+    request_hash = models.CharField(max_length=64, blank=True, editable=False)
+    # The labels an integrator gave the job (v2 `metadata`): string keys and values, returned and filtered on.
+    metadata = JSONField(default=dict, blank=True)
 
     status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
     progress = models.FloatField(default=0.0)
