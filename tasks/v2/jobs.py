@@ -18,6 +18,7 @@ from pydantic import ConfigDict
 
 from tasks.models import TaskStatus
 from tasks.params import BindingError
+from tasks.progress import emit_task_update
 from tasks.queue import queue_positions
 from tasks.submission import QuotaExceeded, create_task, plain_output_names, user_tasks
 from tasks.v2.errors import ApiError
@@ -54,7 +55,7 @@ class JobRequest(Schema):
     metadata: dict[str, str] | None = None
 
 
-def check_labels(labels, code="invalid_metadata"):
+def check_labels(labels, code="metadata_invalid"):
     if len(labels) > MAX_LABELS:
         raise ApiError(422, code, f"At most {MAX_LABELS} metadata labels.", {"metadata": f"has {len(labels)}"})
     for key, value in labels.items():
@@ -212,5 +213,9 @@ def get_workflow(request, job_id: str):
 def cancel(request, job_id: str):
     """A queued job is canceled at once; a running one is `canceling` until its server has stopped it."""
     task = own_task(request, job_id)
+    asked = task.cancel_requested_at is None and task.status != TaskStatus.QUEUED
     task.request_cancel()  # a finished job stays as it is: canceling it is a no-op, as the contract says
-    return answer(user_tasks(request.auth).get(pk=task.pk), request)
+    task = user_tasks(request.auth).get(pk=task.pk)
+    if asked and task.is_active and task.cancel_requested_at is not None:
+        emit_task_update(task)  # open event streams and windows show `canceling` now, not when it has stopped
+    return answer(task, request)

@@ -121,7 +121,7 @@ def test_an_idempotency_key_reused_with_another_body_is_refused(alice_v2, bob_v2
         ({"workflow": {"nodes": [], "links": []}}, "workflow_format_ui", None),
         ({"workflow": FAST_GRAPH, "webhook_url": "https://example.com/"}, "invalid_request", "webhook_url"),
         ({"workflow": FAST_GRAPH, "metadata": {"a": 1}}, "invalid_request", "metadata.a"),
-        ({"workflow": FAST_GRAPH, "metadata": {"bad key": "x"}}, "invalid_metadata", "metadata"),
+        ({"workflow": FAST_GRAPH, "metadata": {"bad key": "x"}}, "metadata_invalid", "metadata"),
         ({}, "invalid_request", "workflow"),
     ],
 )
