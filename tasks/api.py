@@ -40,7 +40,8 @@ def error(status, code, message, details=None):
 def page_not_found(request, exception=None):
     """The site's 404 (handler404): JSON under /api/ (a malformed id, a typo), the HTML page elsewhere."""
     if request.path.startswith("/api/"):
-        return error(404, "not_found", "No such resource. The API is described at /api/v1/openapi.json.")
+        described = "/api/v2/openapi.json" if request.path.startswith("/api/v2/") else "/api/v1/openapi.json"
+        return error(404, "not_found", f"No such resource. The API is described at {described}.")
     return defaults.page_not_found(request, exception)
 
 

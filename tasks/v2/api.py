@@ -4,7 +4,9 @@ The v2 surface: a NinjaAPI with bearer comfyhub tokens and the contract's error 
 """
 
 import logging
+from functools import wraps
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import Http404
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
@@ -107,3 +109,34 @@ def health(request):
 
 
 api.add_router("/jobs", jobs_router)
+
+
+def method_not_allowed(response):
+    """Ninja answers a wrong method in plain text; the contract wants its envelope on every error."""
+    if response.status_code != 405 or response.get("Content-Type", "").startswith("application/json"):
+        return response
+    allowed = response.get("Allow", "")
+    return envelope(405, "method_not_allowed", f"Use {allowed} here.", headers={"Allow": allowed})
+
+
+def enveloped(view):
+    if iscoroutinefunction(view):
+
+        async def answer(request, *args, **kwargs):
+            return method_not_allowed(await view(request, *args, **kwargs))
+
+        answer = markcoroutinefunction(answer)
+    else:
+
+        def answer(request, *args, **kwargs):
+            return method_not_allowed(view(request, *args, **kwargs))
+
+    return wraps(view)(answer)  # keeps csrf_exempt: bearer tokens are not ambient credentials
+
+
+def urls():
+    """The URL patterns to mount at api/v2/."""
+    patterns, app_name, namespace = api.urls
+    for pattern in patterns:
+        pattern.callback = enveloped(pattern.callback)
+    return patterns, app_name, namespace

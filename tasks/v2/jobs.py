@@ -29,6 +29,7 @@ router = Router(tags=["jobs"])
 MAX_LABELS, MAX_LABEL_KEY, MAX_LABEL_VALUE = 16, 64, 512
 LABEL_KEY = re.compile(r"^[A-Za-z0-9_.:/-]+$")
 PAGE_DEFAULT, PAGE_MAX = 50, 100
+MAX_KEY = 200  # Task.idempotency_key's length
 # When a user's queue is full: about when a place should have freed up. A guess; the client retries at this pace.
 QUEUE_FULL_RETRY_SECONDS = 10
 
@@ -112,6 +113,15 @@ def submit(request, payload: JobRequest, idempotency_key: str | None = Header(No
             422,
             "workflow_format_ui",
             "This is a UI-format workflow; export it with 'Export (API)' and send that graph.",
+        )
+    if idempotency_key is not None and not (
+        0 < len(idempotency_key) <= MAX_KEY and idempotency_key.isascii() and idempotency_key.isprintable()
+    ):
+        raise ApiError(
+            422,
+            "invalid_request",
+            "The Idempotency-Key is not valid.",
+            {"Idempotency-Key": f"must be 1 to {MAX_KEY} printable ASCII characters"},
         )
     digest = request_hash(graph, labels)
     if idempotency_key is not None:

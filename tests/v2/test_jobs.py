@@ -114,6 +114,34 @@ def test_an_idempotency_key_reused_with_another_body_is_refused(alice_v2, bob_v2
     assert Task.objects.count() == 2
 
 
+def test_an_unusable_idempotency_key_is_refused(alice_v2):
+    for key in ("", "x" * 201, "caf\u00e9"):
+        error = error_of(alice_v2.submit(key=key), 422, "invalid_request")
+        assert "Idempotency-Key" in error["details"]
+    assert not Task.objects.exists()
+
+
+def test_a_failed_job_says_why_without_the_servers_address(alice_v2):
+    job = alice_v2.submit().json()
+    task = Task.objects.get(pk=job["id"])
+    Task.objects.filter(pk=task.pk).update(status="running", prompt_id="p-1")
+    task.refresh_from_db()
+    task.mark_failed("node_error", "KSampler failed at http://10.0.0.7:8188/prompt", {"node_id": "3"})
+    body = alice_v2.get(job["urls"]["self"]).json()
+    assert body["status"] == "failed" and body["progress"] is None and body["completed_at"]
+    assert body["error"]["code"] == "node_error" and body["error"]["node_id"] == "3"
+    assert "10.0.0.7" not in body["error"]["message"] and "KSampler failed" in body["error"]["message"]
+
+
+def test_other_methods_and_paths_answer_in_the_envelope(alice_v2):
+    refused = alice_v2.client.delete("/api/v2/jobs")
+    error_of(refused, 405, "method_not_allowed")
+    assert refused["Allow"]
+    job = alice_v2.submit().json()
+    error_of(alice_v2.post(job["urls"]["events"]), 405, "method_not_allowed")  # an async route answers alike
+    assert "/api/v2/openapi.json" in error_of(alice_v2.get("/api/v2/nothing-here"), 404, "not_found")["message"]
+
+
 @pytest.mark.parametrize(
     ("body", "code", "field"),
     [
