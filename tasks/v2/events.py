@@ -65,9 +65,9 @@ class JobStream:
                 if message is not None and message.get("task") != self.task_id:
                     continue
                 kind = message.get("type") if message else None
-                if kind == PROGRESS and self.status in ("running", "canceling"):
+                if kind == PROGRESS:
                     yield frame("progress", progress_snapshot(message, message.get("value")))
-                elif kind == PREVIEW and self.status in ("running", "canceling"):
+                elif kind == PREVIEW:
                     yield frame(
                         "preview",
                         {
