@@ -60,9 +60,8 @@ def own(queryset, pk, noun):
 def page_not_found(request, exception=None):
     """The site's 404 (handler404): JSON under /api/ (a malformed id, a typo), the HTML page elsewhere."""
     if request.path.startswith("/api/"):
-        return error(
-            404, "not_found", "There is nothing at this address; the API is described at /api/v1/openapi.json."
-        )
+        described = "/api/v2/openapi.json" if request.path.startswith("/api/v2/") else "/api/v1/openapi.json"
+        return error(404, "not_found", f"There is nothing at this address; the API is described at {described}.")
     return defaults.page_not_found(request, exception)
 
 

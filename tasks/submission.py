@@ -55,6 +55,11 @@ def _with_prefixes(graph, make):
     return {**graph, **changed}
 
 
+def plain_output_names(graph):
+    """`graph` as its author sent it, near enough: every filename_prefix without the prefix this hub put first."""
+    return _with_prefixes(graph, lambda name: name)
+
+
 def private_output_names(graph):
     """
     Return (the graph to send, its affinity hash). Every SaveImage-like node (any input named filename_prefix:
@@ -122,10 +127,11 @@ def earlier_task(user, key, digest):
     return existing
 
 
-def create_task(user, body):
+def create_task(user, body, fields=None):
     """
     Validate a submission and create its task; returns (task, created) or raises BindingError, PermissionError,
-    QuotaExceeded or IdempotencyConflict.
+    QuotaExceeded or IdempotencyConflict. `fields`: more columns of a new task (the v2 API's labels, and its own
+    digest of the request as `idempotency_body`), written with it in one statement.
     """
     # Before anything looks text up: a lone surrogate in a slug or key is a database error on PostgreSQL.
     check_tree(body)
@@ -194,8 +200,8 @@ def create_task(user, body):
                 image_inputs=images,
                 graph_hash=graph_hash,
                 idempotency_key=key,
-                idempotency_body=digest,
                 priority=priority,
+                **{"idempotency_body": digest, **(fields or {})},
             )
             TaskEvent.objects.create(task=task, kind="created", to_status=TaskStatus.QUEUED)
             transaction.on_commit(notify_work)

@@ -43,10 +43,13 @@ class Task(models.Model):
     # [{"node": id, "input": name, "upload": upload id}]: images copied to the task's server before the prompt.
     image_inputs = JSONField(default=list, blank=True)
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001  (NULL: no key, not unique)
-    # SHA-256 of the canonical body that came with the key: the same key with another body is refused, not answered
-    # with a task that does something else. Empty on tasks stored before it was kept (any body matches those).
+    # SHA-256 of the canonical body that came with the key (v1: the JSON body; v2: its graph and labels): the same
+    # key with another body is refused, not answered with a task that does something else. Empty on tasks stored
+    # before it was kept (v1 lets any body match those).
     idempotency_body = models.CharField(max_length=64, blank=True, editable=False)
     priority = models.IntegerField(default=0)
+    # The labels an integrator gave the job (v2 `metadata`): string keys and values, returned and filtered on.
+    metadata = JSONField(default=dict, blank=True)
 
     status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
     progress = models.FloatField(default=0.0)

@@ -1,0 +1,144 @@
+"""
+The v2 surface: a NinjaAPI with bearer comfyhub tokens and the contract's error envelope on every error,
+`{"error": {"code", "message", "details"}}`, with the contract's codes (unauthorized, not_found, queue_full...).
+"""
+
+import logging
+from functools import wraps
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.http import Http404
+from ninja import NinjaAPI
+from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja.parser import Parser
+from ninja.security import HttpBearer
+
+from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address, wait_message
+from tasks.api import parse_json_body
+from tasks.models import ApiToken
+from tasks.params import BindingError
+from tasks.v2.assets import router as assets_router
+from tasks.v2.errors import ApiError, envelope
+from tasks.v2.events import router as jobs_router  # the job routes, with the event stream added
+
+logger = logging.getLogger(__name__)
+
+
+class TokenAuth(HttpBearer):
+    """
+    A comfyhub API token. A wrong one is counted against the client's address (comfyhub/ratelimit.py, as v1
+    counts); once the address has used up its failures it is answered 429 until the window ends. A valid token
+    always passes: see tasks/api.py for why.
+    """
+
+    def authenticate(self, request, token):
+        user = ApiToken.authenticate(token.strip()) if token.strip() else None
+        if user is not None:
+            request.user = user
+            return user
+        address = client_address(request)
+        wait = TOKEN_BY_ADDRESS.retry_after(address)
+        if wait:
+            raise ApiError(429, "too_many_attempts", wait_message(wait), headers={"Retry-After": str(wait)})
+        TOKEN_BY_ADDRESS.fail(address)
+        raise ApiError(401, "unauthorized", "The bearer token is unknown or revoked.")
+
+
+class HubParser(Parser):
+    """JSON bodies under the hub's hostile-input rules (finite numbers, depth, NUL, unencodable text)."""
+
+    def parse_body(self, request):
+        try:
+            return parse_json_body(request)
+        except BindingError as exc:
+            raise ApiError(422, "invalid_request", exc.message, exc.details or None) from None
+
+
+api = NinjaAPI(
+    title="comfyhub — Comfy API v2",
+    version="2",
+    description="Comfy-Org's Comfy API v2 job contract, served over the hub's whole pool of ComfyUI servers.",
+    urls_namespace="api-v2",
+    auth=TokenAuth(),
+    parser=HubParser(),
+    docs_url=None,
+)
+
+
+@api.exception_handler(ApiError)
+def api_error(request, exc):
+    return exc.response()
+
+
+@api.exception_handler(AuthenticationError)
+def not_authenticated(request, exc):
+    return envelope(401, "unauthorized", "Send an Authorization: Bearer <comfyhub API token> header.")
+
+
+@api.exception_handler(ValidationError)
+def invalid(request, exc):
+    details = {}
+    for problem in exc.errors:
+        place = ".".join(str(part) for part in problem.get("loc", ()) if part not in ("body", "payload"))
+        details.setdefault(place or "request", problem.get("msg", "is not valid"))
+    return envelope(422, "invalid_request", "The request is not valid.", details)
+
+
+@api.exception_handler(Http404)
+def not_found(request, exc):
+    return envelope(404, "not_found", "Not found.")
+
+
+@api.exception_handler(HttpError)
+def http_error(request, exc):
+    if isinstance(exc.__cause__, ApiError):  # ninja wraps what the body parser raised
+        return exc.__cause__.response()
+    return envelope(exc.status_code, "error", exc.message)
+
+
+@api.exception_handler(Exception)
+def server_error(request, exc):
+    # Logged with its traceback for the operators; the client gets the envelope without one.
+    logger.exception("API v2 %s %s failed", request.method, request.path, exc_info=exc)
+    return envelope(500, "server_error", "Something went wrong on the hub; it has been logged.")
+
+
+@api.get("/health", auth=None, tags=["health"])
+def health(request):
+    """Whether the hub answers: a liveness check for clients and load balancers."""
+    return {"status": "ok"}
+
+
+api.add_router("/jobs", jobs_router)
+api.add_router("", assets_router)  # its paths start with /assets
+
+
+def method_not_allowed(response):
+    """Ninja answers a wrong method in plain text; the contract wants its envelope on every error."""
+    if response.status_code != 405 or response.get("Content-Type", "").startswith("application/json"):
+        return response
+    allowed = response.get("Allow", "")
+    return envelope(405, "method_not_allowed", f"Use {allowed} here.", headers={"Allow": allowed})
+
+
+def enveloped(view):
+    if iscoroutinefunction(view):
+
+        async def answer(request, *args, **kwargs):
+            return method_not_allowed(await view(request, *args, **kwargs))
+
+        answer = markcoroutinefunction(answer)
+    else:
+
+        def answer(request, *args, **kwargs):
+            return method_not_allowed(view(request, *args, **kwargs))
+
+    return wraps(view)(answer)  # keeps csrf_exempt: bearer tokens are not ambient credentials
+
+
+def urls():
+    """The URL patterns to mount at api/v2/."""
+    patterns, app_name, namespace = api.urls
+    for pattern in patterns:
+        pattern.callback = enveloped(pattern.callback)
+    return patterns, app_name, namespace
