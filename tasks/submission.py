@@ -197,11 +197,10 @@ def create_task(user, body, fields=None):
                 workflow=workflow,
                 inputs=inputs,
                 graph=graph,
-                image_inputs=images,
                 graph_hash=graph_hash,
                 idempotency_key=key,
                 priority=priority,
-                **{"idempotency_body": digest, **(fields or {})},
+                **{"image_inputs": images, "idempotency_body": digest, **(fields or {})},
             )
             TaskEvent.objects.create(task=task, kind="created", to_status=TaskStatus.QUEUED)
             transaction.on_commit(notify_work)

@@ -22,6 +22,7 @@ from tasks.progress import emit_task_update
 from tasks.queue import queue_positions
 from tasks.submission import IdempotencyConflict, QuotaExceeded, create_task, plain_output_names, user_tasks
 from tasks.v2.errors import ApiError
+from tasks.v2.refs import MissingAsset, resolve_asset_refs
 from tasks.v2.shapes import job_item, job_json
 
 router = Router(tags=["jobs"])
@@ -129,12 +130,21 @@ def submit(request, payload: JobRequest, idempotency_key: str | None = Header(No
         if existing is not None:
             replay_or_refuse(existing, digest)
             return answer(existing, request, 201, replayed=True)
+    try:
+        # Inputs naming one of the user's assets become uploads the engine copies to the job's server first.
+        graph, images = resolve_asset_refs(user, graph)
+    except MissingAsset as exc:
+        raise ApiError(422, exc.code, exc.message, {f"workflow.{k}": v for k, v in exc.details.items()}) from None
     body = {"prompt": graph}
     if idempotency_key is not None:
         body["idempotency_key"] = idempotency_key
     try:
         task, created = create_task(
-            user, body, fields={"idempotency_body": digest if idempotency_key else "", "metadata": labels}
+            user, body, fields={
+                "idempotency_body": digest if idempotency_key else "",
+                "metadata": labels,
+                "image_inputs": images,
+            },
         )
     except IdempotencyConflict as exc:  # the key came meanwhile, through v1 or v2
         replay_or_refuse(exc.task, digest)  # 422 unless it came with this very request

@@ -141,3 +141,22 @@ def test_a_referenced_asset_reaches_the_jobs_server_and_the_job_runs(alice, serv
     [output] = task.outputs.all()
     with output.file.open("rb") as handle, Image.open(handle) as image:
         assert image.size == (20, 10)
+
+
+@pytest.mark.django_db
+def test_a_job_posted_with_a_reference_carries_the_users_upload_and_another_users_is_refused(alice_v2, bob_v2):
+    asset = uploaded(alice_v2.user)
+    reply = alice_v2.submit(workflow=referencing(asset.pk))
+    assert reply.status_code == 201, reply.content
+    task = Task.objects.get(pk=reply.json()["id"])
+    [image] = task.image_inputs
+    upload_row = Upload.objects.get(pk=image["upload"])
+    assert upload_row.owner == alice_v2.user and upload_row.sha256 == asset.sha256
+    assert task.graph["1"]["inputs"]["image"] == upload_row.remote_name
+    # Bob names alice's asset: the same answer as an asset that does not exist, and nothing is made.
+    before = (Task.objects.count(), Upload.objects.count())
+    reply = bob_v2.submit(workflow=referencing(asset.pk))
+    assert reply.status_code == 422, reply.content
+    assert reply.json()["error"]["code"] == "missing_asset"
+    assert "workflow.1.image" in reply.json()["error"]["details"]
+    assert (Task.objects.count(), Upload.objects.count()) == before
