@@ -1,6 +1,6 @@
 """
 The tasks app's models, one module per noun: workflow.py, task.py (the state machine), events.py (its trail),
-affinity.py, files.py (outputs and uploads) and tokens.py. Everything is importable from tasks.models.
+affinity.py, files.py (outputs and uploads), tokens.py and webhooks.py. Everything is importable from tasks.models.
 """
 
 from tasks.models.affinity import affinity_keys, graph_digest, release_affinity
@@ -16,6 +16,13 @@ from tasks.models.task import (
     binding,
 )
 from tasks.models.tokens import ApiToken, hash_token
+from tasks.models.webhooks import (
+    DeliveryStatus,
+    WebhookDelivery,
+    new_secret,
+    record_webhook,
+    webhook_url_problem,
+)
 from tasks.models.workflow import PreviewMethod, Workflow
 
 __all__ = [
@@ -25,12 +32,14 @@ __all__ = [
     "ON_SERVER_STATUSES",
     "TERMINAL_STATUSES",
     "ApiToken",
+    "DeliveryStatus",
     "Task",
     "TaskEvent",
     "TaskOutput",
     "TaskQuerySet",
     "TaskStatus",
     "Upload",
+    "WebhookDelivery",
     "PreviewMethod",
     "Workflow",
     "affinity_keys",
@@ -39,6 +48,9 @@ __all__ = [
     "graph_digest",
     "hash_token",
     "output_path",
+    "new_secret",
+    "record_webhook",
     "release_affinity",
     "upload_path",
+    "webhook_url_problem",
 ]

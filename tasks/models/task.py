@@ -13,6 +13,7 @@ from servers.wake import notify_work
 from tasks.fields import JSONField
 from tasks.models.affinity import release_affinity
 from tasks.models.events import TaskEvent, update_and_record
+from tasks.models.webhooks import EVENT_TYPES, MAX_URL_LENGTH, record_webhook
 
 
 class TaskStatus(models.TextChoices):
@@ -73,6 +74,12 @@ class Task(models.Model):
     image_inputs = JSONField(default=list, blank=True)
     idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001  (NULL: no key, not unique)
     priority = models.IntegerField(default=0)
+    # Where its news is posted (task.queued, .started, .succeeded, ...), signed with the secret of the token it
+    # came with: its own URL, or that token's default. Blank: no webhooks.
+    webhook_url = models.CharField(max_length=MAX_URL_LENGTH, blank=True)
+    webhook_token = models.ForeignKey(
+        "tasks.ApiToken", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
     progress = models.FloatField(default=0.0)
@@ -198,6 +205,9 @@ class Task(models.Model):
             if self.status in TERMINAL_STATUSES:
                 transaction.on_commit(lambda: release_affinity(self))
             transaction.on_commit(lambda: emit_task_update(self))
+            if self.webhook_url and kind in EVENT_TYPES:
+                # An INSERT only for tasks with a webhook, once the transition (and its outputs) committed.
+                transaction.on_commit(lambda: record_webhook(self, kind))
         return won
 
     def bind(self, server, prompt_id, attempts=None):
