@@ -14,7 +14,16 @@ from PIL import Image, UnidentifiedImageError
 from servers.dispatch import judge_pool
 from servers.snapshot import pool_capabilities
 from servers.wake import notify_work
-from tasks.models import Task, TaskEvent, TaskStatus, Upload, Workflow, graph_digest
+from tasks.models import (
+    Task,
+    TaskEvent,
+    TaskStatus,
+    Upload,
+    Workflow,
+    graph_digest,
+    record_webhook,
+    webhook_url_problem,
+)
 from tasks.params import BindingError, bind, check_tree, text_problem
 from tasks.progress import emit_task_update
 
@@ -99,11 +108,33 @@ def check_quota(user):
         )
 
 
-def create_task(user, body):
-    """Validate a submission and create its task; returns (task, created) or raises BindingError / PermissionError."""
+def webhook_for(body, token):
+    """
+    (URL, token) of a submission's webhooks: its own webhook_url, else the default of the token it came with.
+    Every webhook is signed with that token's secret, so a URL of its own needs a token that has one.
+    """
+    url = body.get("webhook_url")
+    if url is None:
+        return (token.webhook_url, token) if token is not None and token.webhook_url else ("", None)
+    problem = webhook_url_problem(url)
+    if problem:
+        raise BindingError("Invalid webhook_url.", {"webhook_url": problem})
+    if token is None or not token.webhook_secret:
+        raise BindingError(
+            "A webhook needs a signing secret.",
+            {"webhook_url": "needs a bearer token with a webhook secret (manage.py create_token --webhook-url)"},
+        )
+    return url, token
+
+
+def create_task(user, body, token=None):
+    """
+    Validate a submission and create its task; returns (task, created) or raises BindingError / PermissionError.
+    `token`: the ApiToken the request came with, whose webhook settings apply.
+    """
     # Before anything looks text up: a lone surrogate in a slug or key is a database error on PostgreSQL.
     check_tree(body)
-    allowed = {"workflow", "inputs", "prompt", "idempotency_key", "priority"}
+    allowed = {"workflow", "inputs", "prompt", "idempotency_key", "priority", "webhook_url"}
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise BindingError("Unknown fields.", dict.fromkeys(unknown, "is not a field of a task"))
@@ -126,6 +157,7 @@ def create_task(user, body):
         )
     if priority > 0 and not user.is_staff:
         raise PermissionError("Only staff may raise a task's priority.")
+    webhook_url, webhook_token = webhook_for(body, token)
     check_quota(user)
     has_workflow, has_prompt = body.get("workflow") is not None, body.get("prompt") is not None
     if has_workflow == has_prompt:
@@ -166,8 +198,12 @@ def create_task(user, body):
                 graph_hash=graph_hash,
                 idempotency_key=key,
                 priority=priority,
+                webhook_url=webhook_url,
+                webhook_token=webhook_token,
             )
             TaskEvent.objects.create(task=task, kind="created", to_status=TaskStatus.QUEUED)
+            if webhook_url:
+                transaction.on_commit(lambda: record_webhook(task, "created"))
             transaction.on_commit(notify_work)
             # Every open window of the owner inserts the new task's row.
             transaction.on_commit(lambda: emit_task_update(task, created=True))
