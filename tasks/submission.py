@@ -108,21 +108,21 @@ def check_quota(user):
         )
 
 
-def webhook_for(body, token):
+def webhook_for(url, token, field="webhook_url"):
     """
-    (URL, token) of a submission's webhooks: its own webhook_url, else the default of the token it came with.
-    Every webhook is signed with that token's secret, so a URL of its own needs a token that has one.
+    (URL, token) of a submission's webhooks: its own `url` (None: none given), else the default of the ApiToken it
+    came with (None: a session), or ("", None). Every webhook is signed with that token's secret, so a URL of its
+    own needs a token that has one. Raises BindingError naming `field`. The v1 and v2 APIs both call it.
     """
-    url = body.get("webhook_url")
     if url is None:
         return (token.webhook_url, token) if token is not None and token.webhook_url else ("", None)
     problem = webhook_url_problem(url)
     if problem:
-        raise BindingError("Invalid webhook_url.", {"webhook_url": problem})
+        raise BindingError(f"Invalid {field}.", {field: problem})
     if token is None or not token.webhook_secret:
         raise BindingError(
             "A webhook needs a signing secret.",
-            {"webhook_url": "needs a bearer token with a webhook secret (manage.py create_token --webhook-url)"},
+            {field: "needs a bearer token with a webhook secret (manage.py create_token --webhook-url)"},
         )
     return url, token
 
@@ -157,7 +157,7 @@ def create_task(user, body, token=None):
         )
     if priority > 0 and not user.is_staff:
         raise PermissionError("Only staff may raise a task's priority.")
-    webhook_url, webhook_token = webhook_for(body, token)
+    webhook_url, webhook_token = webhook_for(body.get("webhook_url"), token)
     check_quota(user)
     has_workflow, has_prompt = body.get("workflow") is not None, body.get("prompt") is not None
     if has_workflow == has_prompt:

@@ -289,3 +289,34 @@ def test_a_bad_receiver_does_not_hold_up_the_others(alice, workflows, allow_priv
     statuses = dict(WebhookDelivery.objects.values_list("url", "status"))
     assert statuses == {"http://127.0.0.1:9/nobody-listens": "pending", receiver.url: "delivered"}
     assert "Connect" in WebhookDelivery.objects.get(url__endswith="nobody-listens").last_error
+
+
+def test_a_failed_task_sends_its_error_kind_but_not_its_message(alice, workflows, allow_private, receiver):
+    api = hooked_api(alice, receiver.url)
+    task = Task.objects.get(pk=api.submit("invert", {"color": 1}).json()["id"])
+    assert task.mark_failed("node_error", "boom at http://10.0.0.5:8188", match_prompt=False)
+    send_due()
+    body = verify(receiver.received[-1], api.secret)
+    assert body["type"] == "task.failed" and body["data"]["error"] == {"kind": "node_error"}
+    assert "10.0.0.5" not in receiver.received[-1]["body"].decode()
+
+
+def test_the_admin_sets_a_tokens_url_and_shows_its_secret_once(alice, admin_user):
+    token, _ = ApiToken.issue(alice, name="script")
+    browser = Client()
+    browser.force_login(admin_user)
+    page = f"/admin/tasks/apitoken/{token.pk}/change/"
+    form = {"user": alice.pk, "name": "script"}
+    refused = browser.post(page, {**form, "webhook_url": "http://192.168.1.1/hook"})
+    assert refused.status_code == 200 and "private" in refused.content.decode()
+    token.refresh_from_db()
+    assert token.webhook_url == "" and token.webhook_secret == ""
+    reply = browser.post(page, {**form, "webhook_url": "https://93.184.216.34/hook"}, follow=True)
+    token.refresh_from_db()
+    assert token.webhook_url == "https://93.184.216.34/hook" and token.webhook_secret.startswith("whsec_")
+    assert token.webhook_secret in reply.content.decode()
+    # Saved again, the secret stays and is not shown again.
+    again = browser.post(page, {**form, "webhook_url": "https://93.184.216.35/hook"}, follow=True)
+    assert token.webhook_secret not in again.content.decode()
+    token.refresh_from_db()
+    assert token.webhook_url.endswith(".35/hook")
