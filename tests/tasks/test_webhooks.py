@@ -3,6 +3,7 @@
 import asyncio
 import json
 import threading
+import time
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -23,8 +24,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 class Receiver:
     """A real HTTP server on 127.0.0.1 that records each POST and answers with the next of `codes` (then 200)."""
 
-    def __init__(self, codes=()):
+    def __init__(self, codes=(), delay=0.0):
         self.codes = list(codes)
+        self.delay = delay
         self.received = []
         receiver = self
 
@@ -32,6 +34,7 @@ class Receiver:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.received.append({"headers": dict(self.headers), "body": body, "path": self.path})
+                time.sleep(receiver.delay)
                 code = receiver.codes.pop(0) if receiver.codes else 200
                 self.send_response(code)
                 self.send_header("Content-Length", "0")
@@ -320,3 +323,17 @@ def test_the_admin_sets_a_tokens_url_and_shows_its_secret_once(alice, admin_user
     assert token.webhook_secret not in again.content.decode()
     token.refresh_from_db()
     assert token.webhook_url.endswith(".35/hook")
+
+
+def test_a_receiver_that_hangs_costs_only_its_own_timeout(alice, workflows, allow_private, receiver):
+    allow_private.COMFYHUB = {**allow_private.COMFYHUB, "WEBHOOK_TIMEOUT": 0.3}
+    with Receiver(delay=3.0) as hanging:
+        api = hooked_api(alice, receiver.url)
+        api.submit("invert", {"color": 1}, webhook_url=hanging.url)
+        api.submit("invert", {"color": 2})
+        started = time.monotonic()
+        assert send_due() == 2
+        assert time.monotonic() - started < 2.0
+        statuses = dict(WebhookDelivery.objects.values_list("url", "status"))
+        assert statuses == {hanging.url: "pending", receiver.url: "delivered"}
+        assert "Timeout" in WebhookDelivery.objects.get(url=hanging.url).last_error
