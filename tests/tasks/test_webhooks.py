@@ -337,3 +337,22 @@ def test_a_receiver_that_hangs_costs_only_its_own_timeout(alice, workflows, allo
         statuses = dict(WebhookDelivery.objects.values_list("url", "status"))
         assert statuses == {hanging.url: "pending", receiver.url: "delivered"}
         assert "Timeout" in WebhookDelivery.objects.get(url=hanging.url).last_error
+
+
+def test_a_user_sets_a_tokens_webhook_on_the_account_page_and_sees_its_secret_once(alice, bob):
+    client = Client()
+    client.force_login(alice)
+    refused = client.post("/account/tokens/", {"name": "hooks", "webhook_url": "http://10.0.0.1/hook"})
+    assert refused.status_code == 400 and "private" in refused.content.decode()
+    assert not ApiToken.objects.exists()
+    reply = client.post("/account/tokens/", {"name": "hooks", "webhook_url": "https://93.184.216.34/hook"})
+    assert reply.status_code == 201
+    token = ApiToken.objects.get(user=alice)
+    assert token.webhook_url == "https://93.184.216.34/hook"
+    assert token.webhook_secret and token.webhook_secret in reply.content.decode()
+    page = client.get("/account/").content.decode()
+    assert "https://93.184.216.34/hook" in page and token.webhook_secret not in page
+    # Bob's page shows nothing of alice's.
+    other = Client()
+    other.force_login(bob)
+    assert "93.184.216.34" not in other.get("/account/").content.decode()
