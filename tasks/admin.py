@@ -66,6 +66,17 @@ class TaskOutputInline(admin.TabularInline):
         )
 
 
+class WebhookDeliveryInline(admin.TabularInline):
+    model = WebhookDelivery
+    fields = ["event", "status", "attempts", "last_status_code", "last_error", "url", "created_at", "delivered_at"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
 class QuietFilter(admin.SimpleListFilter):
     title = "quiet for more than"
     parameter_name = "quiet"
@@ -92,7 +103,7 @@ class TaskAdmin(admin.ModelAdmin):
     list_filter = ["status", QuietFilter, "server", "workflow", "owner"]
     search_fields = ["=id", "=prompt_id", "owner__username"]
     readonly_fields = [f.name for f in Task._meta.fields]
-    inlines = [TaskEventInline, TaskOutputInline]
+    inlines = [TaskEventInline, TaskOutputInline, WebhookDeliveryInline]
     action_form = TaskActionForm
     actions = ["reconcile_now", "recover", "retry", "cancel", "fail"]
 

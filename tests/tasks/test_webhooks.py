@@ -243,6 +243,9 @@ def test_it_gives_up_after_the_limit_and_the_admin_sends_it_again(alice, admin_u
             follow=True,
         )
         assert "1 webhook delivery queued again" in reply.content.decode()
+        # The task's own admin page lists its deliveries, with the last answer.
+        task_page = browser.get(f"/admin/tasks/task/{delivery.task_id}/change/").content.decode()
+        assert "task.queued" in task_page and "answered 500" in task_page
         delivery.refresh_from_db()
         assert (delivery.status, delivery.attempts) == ("pending", 0)
         assert send_due() == 1
