@@ -316,6 +316,15 @@ COMFYHUB = {
     # Seconds a task may wait for a server able to run it while some enabled server's capabilities are unknown
     # (offline since the hub started); then it fails with error_kind "no_capable_server".
     "UNRUNNABLE_SECONDS": env_int("COMFYHUB_UNRUNNABLE_SECONDS", 600, minimum=1),
+    # Webhook URLs may point at loopback, private, link-local or reserved addresses. Off by default: the workers
+    # post from inside the operator's network, and a user's webhook must not reach what only they can reach.
+    "WEBHOOKS_ALLOW_PRIVATE": env_bool("COMFYHUB_WEBHOOKS_ALLOW_PRIVATE", False),
+    # Attempts to deliver one webhook before it is marked failed, and the wait after the first failed attempt,
+    # doubled after each further one (5 s, 10 s, 20 s, ... about 10 minutes over 8 attempts).
+    "WEBHOOK_MAX_ATTEMPTS": env_int("COMFYHUB_WEBHOOK_MAX_ATTEMPTS", 8, minimum=1),
+    "WEBHOOK_BACKOFF_SECONDS": env_float("COMFYHUB_WEBHOOK_BACKOFF_SECONDS", 5.0, minimum=0.01),
+    # Seconds a receiver has to answer one webhook.
+    "WEBHOOK_TIMEOUT": env_float("COMFYHUB_WEBHOOK_TIMEOUT", 5.0, minimum=0.1),
 }
 
 # Variables renamed when their meaning changed: a value set for the old meaning must not pass unseen.

@@ -24,12 +24,13 @@ from django.db import close_old_connections, connections
 from django.utils import timezone
 
 from servers import pool, wake
-from servers.aio import db
+from servers.aio import cancel_and_wait, db
 from servers.backlog import Backlog
 from servers.connection import Connection
 from servers.guard import contained
 from servers.models import Lock, LockPurpose, Server, ServerState, upstream_key
 from servers.recovery import recover
+from servers.webhooks import WebhookSender
 from tasks.models import ON_SERVER_STATUSES, Task
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Supervisor:
         self.loop = None
         self._stopped = None
         self._listener = None
+        self._webhooks = None
         self.stopping = False
 
     def wake_threadsafe(self, cancel=False):
@@ -81,6 +83,8 @@ class Supervisor:
         wake.subscribe(self.wake_threadsafe)
         if settings.REDIS_URL:
             self._listener = asyncio.create_task(self.listen())
+        # Its own task: a slow or broken webhook receiver never holds up dispatch or the live path.
+        self._webhooks = asyncio.create_task(WebhookSender().run(), name="webhooks")
         logger.info("upstream supervisor %s started", self.owner)
         try:
             while not self._stopped.is_set():
@@ -97,6 +101,7 @@ class Supervisor:
             wake.unsubscribe(self.wake_threadsafe)
             if self._listener is not None:
                 self._listener.cancel()
+            await cancel_and_wait([self._webhooks])
             await self.shutdown()
 
     def stop(self):

@@ -13,7 +13,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
-from tasks.models import ApiToken
+from tasks.models import ApiToken, webhook_url_problem
 
 LOGGED_OUT = "You have been logged out."
 
@@ -21,9 +21,13 @@ LOGGED_OUT = "You have been logged out."
 class TokenForm(forms.ModelForm):
     class Meta:
         model = ApiToken
-        fields = ["name"]
-        labels = {"name": "Name"}
-        help_texts = {"name": "What the token is for, e.g. “render farm script”: you will recognise it by this."}
+        fields = ["name", "webhook_url"]
+        labels = {"name": "Name", "webhook_url": "Webhook URL (optional)"}
+        help_texts = {
+            "name": "What the token is for, e.g. “render farm script”: you will recognise it by this.",
+            "webhook_url": "Where the news of the tasks this token submits is posted (started, succeeded, …), "
+            "signed with a secret shown once below.",
+        }
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -31,6 +35,14 @@ class TokenForm(forms.ModelForm):
         # would leave the user guessing which one to revoke.
         self.fields["name"].required = True
         self.fields["name"].widget.attrs.update(autocomplete="off", placeholder="e.g. render farm script")
+        self.fields["webhook_url"].widget.attrs.update(autocomplete="off", placeholder="https://example.com/hooks")
+
+    def clean_webhook_url(self):
+        url = self.cleaned_data["webhook_url"].strip()
+        problem = webhook_url_problem(url) if url else None
+        if problem:
+            raise forms.ValidationError(f"The webhook URL {problem}.")
+        return url
 
 
 def get_token_for_user(user, pk):
@@ -58,8 +70,10 @@ def token_create(request):
     if not form.is_valid():
         return account_page(request, form=form, status=400)
     token, plain = ApiToken.issue(request.user, name=form.cleaned_data["name"])
+    url = form.cleaned_data["webhook_url"]
+    secret = token.set_webhook_url(url) if url else None
     # Rendered, not redirected: the plain token exists only in this answer (only its hash is stored).
-    return account_page(request, new_token={"token": token, "plain": plain}, status=201)
+    return account_page(request, new_token={"token": token, "plain": plain, "webhook_secret": secret}, status=201)
 
 
 @require_POST

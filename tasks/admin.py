@@ -11,7 +11,19 @@ from django.utils.html import format_html
 
 from servers.connection import standalone
 from servers.recovery import recover as recover_stuck
-from tasks.models import ACTIVE_STATUSES, ApiToken, Task, TaskEvent, TaskOutput, TaskStatus, Upload, Workflow
+from tasks.models import (
+    ACTIVE_STATUSES,
+    ApiToken,
+    Task,
+    TaskEvent,
+    TaskOutput,
+    TaskStatus,
+    Upload,
+    WebhookDelivery,
+    Workflow,
+    new_secret,
+    webhook_url_problem,
+)
 
 SHORT_ID = re.compile(r"[0-9a-f]{8}")  # the first 8 hex digits of a UUID, as the task list shows them
 
@@ -54,6 +66,17 @@ class TaskOutputInline(admin.TabularInline):
         )
 
 
+class WebhookDeliveryInline(admin.TabularInline):
+    model = WebhookDelivery
+    fields = ["event", "status", "attempts", "last_status_code", "last_error", "url", "created_at", "delivered_at"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
 class QuietFilter(admin.SimpleListFilter):
     title = "quiet for more than"
     parameter_name = "quiet"
@@ -80,7 +103,7 @@ class TaskAdmin(admin.ModelAdmin):
     list_filter = ["status", QuietFilter, "server", "workflow", "owner"]
     search_fields = ["=id", "=prompt_id", "owner__username"]
     readonly_fields = [f.name for f in Task._meta.fields]
-    inlines = [TaskEventInline, TaskOutputInline]
+    inlines = [TaskEventInline, TaskOutputInline, WebhookDeliveryInline]
     action_form = TaskActionForm
     actions = ["reconcile_now", "recover", "retry", "cancel", "fail"]
 
@@ -180,10 +203,57 @@ class UploadAdmin(admin.ModelAdmin):
     readonly_fields = ["id", "owner", "original_name", "content_type", "size", "sha256", "width", "height", "file"]
 
 
+class ApiTokenForm(forms.ModelForm):
+    class Meta:
+        model = ApiToken
+        fields = ["user", "name", "webhook_url"]
+
+    def clean_webhook_url(self):
+        url = self.cleaned_data["webhook_url"].strip()
+        problem = webhook_url_problem(url) if url else None
+        if problem:
+            raise forms.ValidationError(f"The webhook URL {problem}.")
+        return url
+
+
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):
-    list_display = ["prefix", "user", "name", "created_at", "last_used_at"]
+    form = ApiTokenForm
+    list_display = ["prefix", "user", "name", "webhook_url", "created_at", "last_used_at"]
     readonly_fields = ["prefix", "created_at", "last_used_at"]
 
     def has_add_permission(self, request):
         return False  # tokens are shown once, so they are made by `manage.py create_token`
+
+    def save_model(self, request, obj, form, change):
+        made = obj.webhook_url and not obj.webhook_secret
+        if made:
+            obj.webhook_secret = new_secret()
+        super().save_model(request, obj, form, change)
+        if made:
+            # Shown this once, like the token: the receiver needs it to check signatures.
+            self.message_user(
+                request, f"Webhook signing secret of {obj.prefix}… (shown once): {obj.webhook_secret}", messages.WARNING
+            )
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(admin.ModelAdmin):
+    list_display = ["event", "task", "status", "attempts", "last_status_code", "url", "created_at", "delivered_at"]
+    list_filter = ["status", "event"]
+    search_fields = ["task__id", "url", "message_id"]
+    readonly_fields = [field.name for field in WebhookDelivery._meta.fields]
+    list_select_related = ["task"]
+    actions = ["send_again"]
+
+    def has_add_permission(self, request):
+        return False  # made by task transitions only
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    @admin.action(description="Send again (attempts start over)")
+    def send_again(self, request, queryset):
+        done = queryset.send_again()
+        noun = "delivery" if done == 1 else "deliveries"
+        self.message_user(request, f"{done} webhook {noun} queued again.", messages.SUCCESS)

@@ -93,9 +93,10 @@ def api_view(*methods):
             header = request.headers.get("Authorization", "")
             if header:
                 scheme, _, token = header.partition(" ")
-                user = ApiToken.authenticate(token.strip()) if scheme.lower() == "bearer" and token else None
-                if user is None:
+                row = ApiToken.authenticate_token(token.strip()) if scheme.lower() == "bearer" and token else None
+                if row is None:
                     return invalid_token(request)
+                request.api_token, user = row, row.user
                 # A valid token always passes, whatever other clients behind the same address sent: with 256
                 # random bits a token cannot be guessed, so refusing right ones would only let guessers lock
                 # out the integrators who share their address (a NAT, a CI fleet).
@@ -236,7 +237,8 @@ def parse_json_body(request):
 def tasks_collection(request):
     if request.method == "POST":
         try:
-            task, created = create_task(request.user, parse_json_body(request))
+            body = parse_json_body(request)
+            task, created = create_task(request.user, body, token=getattr(request, "api_token", None))
         except BindingError as exc:
             return error(400, exc.code, exc.message, exc.details)
         except PermissionError as exc:

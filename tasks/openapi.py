@@ -168,6 +168,14 @@ SCHEMAS = {
                 "type": "integer", "minimum": -PRIORITY_LIMIT, "maximum": PRIORITY_LIMIT,
                 "description": "Higher runs first; only staff may raise it above 0.",
             },
+            "webhook_url": {
+                "type": "string", "format": "uri", "maxLength": 2000,
+                "description": (
+                    "Where this task's events (task.queued, task.started, task.succeeded, task.failed, "
+                    "task.cancelled) are posted, signed with the token's webhook secret (Standard Webhooks). "
+                    "Public http(s) only; without it the token's default URL, if any, applies."
+                ),
+            },
         },
         "example": {"workflow": "txt2img", "inputs": {"prompt": "a red fox in snow", "steps": 20}},
     },

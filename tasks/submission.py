@@ -15,7 +15,16 @@ from PIL import Image, UnidentifiedImageError
 from servers.dispatch import judge_pool
 from servers.snapshot import pool_capabilities
 from servers.wake import notify_work
-from tasks.models import Task, TaskEvent, TaskStatus, Upload, Workflow, graph_digest
+from tasks.models import (
+    Task,
+    TaskEvent,
+    TaskStatus,
+    Upload,
+    Workflow,
+    graph_digest,
+    record_webhook,
+    webhook_url_problem,
+)
 from tasks.params import BindingError, bind, check_tree, text_problem
 from tasks.progress import emit_task_update
 
@@ -127,15 +136,35 @@ def earlier_task(user, key, digest):
     return existing
 
 
-def create_task(user, body, fields=None):
+def webhook_for(url, token, field="webhook_url"):
+    """
+    (URL, token) of a submission's webhooks: its own `url` (None: none given), else the default of the ApiToken it
+    came with (None: a session), or ("", None). Every webhook is signed with that token's secret, so a URL of its
+    own needs a token that has one. Raises BindingError naming `field`. The v1 and v2 APIs both call it.
+    """
+    if url is None:
+        return (token.webhook_url, token) if token is not None and token.webhook_url else ("", None)
+    problem = webhook_url_problem(url)
+    if problem:
+        raise BindingError(f"Invalid {field}.", {field: problem})
+    if token is None or not token.webhook_secret:
+        raise BindingError(
+            "A webhook needs a signing secret.",
+            {field: "needs a bearer token with a webhook secret (manage.py create_token --webhook-url)"},
+        )
+    return url, token
+
+
+def create_task(user, body, fields=None, token=None):
     """
     Validate a submission and create its task; returns (task, created) or raises BindingError, PermissionError,
     QuotaExceeded or IdempotencyConflict. `fields`: more columns of a new task (the v2 API's labels, and its own
-    digest of the request as `idempotency_body`), written with it in one statement.
+    digest of the request as `idempotency_body`), written with it in one statement. `token`: the ApiToken the
+    request came with, whose webhook settings apply.
     """
     # Before anything looks text up: a lone surrogate in a slug or key is a database error on PostgreSQL.
     check_tree(body)
-    allowed = {"workflow", "inputs", "prompt", "idempotency_key", "priority"}
+    allowed = {"workflow", "inputs", "prompt", "idempotency_key", "priority", "webhook_url"}
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise BindingError(
@@ -161,6 +190,7 @@ def create_task(user, body, fields=None):
         )
     if priority > 0 and not user.is_staff:
         raise PermissionError("Only staff may raise a task's priority.")
+    webhook_url, webhook_token = webhook_for(body.get("webhook_url"), token)
     check_quota(user)
     has_workflow, has_prompt = body.get("workflow") is not None, body.get("prompt") is not None
     if has_workflow == has_prompt:
@@ -201,8 +231,12 @@ def create_task(user, body, fields=None):
                 idempotency_key=key,
                 priority=priority,
                 **{"image_inputs": images, "idempotency_body": digest, **(fields or {})},
+                webhook_url=webhook_url,
+                webhook_token=webhook_token,
             )
             TaskEvent.objects.create(task=task, kind="created", to_status=TaskStatus.QUEUED)
+            if webhook_url:
+                transaction.on_commit(lambda: record_webhook(task, "created"))
             transaction.on_commit(notify_work)
             # Every open window of the owner inserts the new task's row.
             transaction.on_commit(lambda: emit_task_update(task, created=True))

@@ -10,7 +10,7 @@ PACKAGES = ("bench", "comfyhub", "comfysim", "ops", "servers", "tasks")
 # The supervisor and its pieces: what holds upstream sockets and runs in the workers.
 WORKERS = {
     "servers.supervisor", "servers.connection", "servers.link", "servers.tracking", "servers.sending",
-    "servers.reconcile", "servers.health", "servers.completion",
+    "servers.reconcile", "servers.health", "servers.completion", "servers.webhooks",
 }  # fmt: skip
 
 

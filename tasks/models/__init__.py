@@ -1,7 +1,7 @@
 """
 The tasks app's models, one module per noun: workflow.py, task.py (the state machine), events.py (its trail),
-affinity.py, files.py (outputs and uploads), assets.py (the v2 API's files) and tokens.py. Everything is importable
-from tasks.models.
+affinity.py, files.py (outputs and uploads), assets.py (the v2 API's files), tokens.py and webhooks.py. Everything
+is importable from tasks.models.
 """
 
 from tasks.models.affinity import affinity_keys, graph_digest, release_affinity
@@ -19,6 +19,13 @@ from tasks.models.task import (
     binding,
 )
 from tasks.models.tokens import ApiToken, hash_token
+from tasks.models.webhooks import (
+    DeliveryStatus,
+    WebhookDelivery,
+    new_secret,
+    record_webhook,
+    webhook_url_problem,
+)
 from tasks.models.workflow import PreviewMethod, Workflow
 
 __all__ = [
@@ -30,12 +37,14 @@ __all__ = [
     "TERMINAL_STATUSES",
     "ApiToken",
     "Asset",
+    "DeliveryStatus",
     "Task",
     "TaskEvent",
     "TaskOutput",
     "TaskQuerySet",
     "TaskStatus",
     "Upload",
+    "WebhookDelivery",
     "PreviewMethod",
     "Workflow",
     "affinity_keys",
@@ -45,6 +54,9 @@ __all__ = [
     "graph_digest",
     "hash_token",
     "output_path",
+    "new_secret",
+    "record_webhook",
     "release_affinity",
     "upload_path",
+    "webhook_url_problem",
 ]

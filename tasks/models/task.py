@@ -21,6 +21,7 @@ from tasks.models.status import (  # noqa: F401  (re-exported: the task's states
     TaskQuerySet,
     TaskStatus,
 )
+from tasks.models.webhooks import EVENT_TYPES, MAX_URL_LENGTH, record_webhook
 
 
 def binding(server, prompt_id, attempts=None):
@@ -50,6 +51,12 @@ class Task(models.Model):
     priority = models.IntegerField(default=0)
     # The labels an integrator gave the job (v2 `metadata`): string keys and values, returned and filtered on.
     metadata = JSONField(default=dict, blank=True)
+    # Where its news is posted (task.queued, .started, .succeeded, ...), signed with the secret of the token it
+    # came with: its own URL, or that token's default. Blank: no webhooks.
+    webhook_url = models.CharField(max_length=MAX_URL_LENGTH, blank=True)
+    webhook_token = models.ForeignKey(
+        "tasks.ApiToken", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
 
     status = models.CharField(max_length=16, choices=TaskStatus.choices, default=TaskStatus.QUEUED)
     progress = models.FloatField(default=0.0)
@@ -175,6 +182,9 @@ class Task(models.Model):
             if self.status in TERMINAL_STATUSES:
                 transaction.on_commit(lambda: release_affinity(self))
             transaction.on_commit(lambda: emit_task_update(self))
+            if self.webhook_url and kind in EVENT_TYPES:
+                # An INSERT only for tasks with a webhook, once the transition (and its outputs) committed.
+                transaction.on_commit(lambda: record_webhook(self, kind))
         return won
 
     def bind(self, server, prompt_id, attempts=None):

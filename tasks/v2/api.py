@@ -32,10 +32,10 @@ class TokenAuth(HttpBearer):
     """
 
     def authenticate(self, request, token):
-        user = ApiToken.authenticate(token.strip()) if token.strip() else None
-        if user is not None:
-            request.user = user
-            return user
+        found = ApiToken.authenticate_token(token.strip()) if token.strip() else None
+        if found is not None:
+            request.user, request.api_token = found.user, found  # the token's webhook settings apply to its jobs
+            return found.user
         address = client_address(request)
         wait = TOKEN_BY_ADDRESS.retry_after(address)
         if wait:

@@ -145,6 +145,7 @@ def submit(request, payload: JobRequest, idempotency_key: str | None = Header(No
                 "metadata": labels,
                 "image_inputs": images,
             },
+            token=getattr(request, "api_token", None),  # the contract has no webhook field: the token's default
         )
     except IdempotencyConflict as exc:  # the key came meanwhile, through v1 or v2
         replay_or_refuse(exc.task, digest)  # 422 unless it came with this very request
