@@ -238,7 +238,9 @@ def asset_from_hash(request, body: FromHashIn):
     return Status(201 if created else 200, asset_json(request, asset, created_new=created))
 
 
-@router.api_operation(["HEAD"], "/assets/by-hash/{hash}", summary="Whether the user has a file with this blake3")
+@router.api_operation(
+    ["HEAD"], "/assets/by-hash/{hash}", url_name="asset_by_hash", summary="Whether the user has a file with this blake3"
+)
 def head_asset_by_hash(request, hash: str):
     digest = parse_hash(hash)
     found = digest is not None and own_assets(request.user).filter(blake3=digest).exists()

@@ -10,6 +10,7 @@ Live push only: the authoritative state is GET /api/v2/jobs/{id}, so a quiet str
 import asyncio
 import json
 import logging
+import uuid
 
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
@@ -116,8 +117,8 @@ class JobStream:
         return parts
 
 
-@router.get("/{job_id}/events", url_name="job_events", summary="Live event stream (Server-Sent Events)")
-async def events(request, job_id: str):
+@router.get("/{uuid:job_id}/events", url_name="job_events", summary="Live event stream (Server-Sent Events)")
+async def events(request, job_id: uuid.UUID):
     task = await sync_to_async(own_task)(request, job_id)
     response = StreamingHttpResponse(JobStream(request, task).frames(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"

@@ -90,7 +90,7 @@ def replay_or_refuse(task, digest):
 def own_task(request, job_id):
     """The caller's task, or 404: another user's job is answered exactly like one that does not exist."""
     try:
-        pk = uuid.UUID(job_id)
+        pk = job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
     except ValueError:
         raise ApiError(404, "not_found", "No such job.") from None
     return get_object_or_404(user_tasks(request.auth), pk=pk)
@@ -221,20 +221,20 @@ def list_jobs(request, limit: int = PAGE_DEFAULT, cursor: str | None = None, sta
     return body
 
 
-@router.get("/{job_id}", url_name="job", summary="The job: the authoritative state, outputs and links")
-def get_job(request, job_id: str):
+@router.get("/{uuid:job_id}", url_name="job", summary="The job: the authoritative state, outputs and links")
+def get_job(request, job_id: uuid.UUID):
     return answer(own_task(request, job_id), request)
 
 
-@router.get("/{job_id}/workflow", url_name="job_workflow", summary="The workflow graph the job runs")
-def get_workflow(request, job_id: str):
+@router.get("/{uuid:job_id}/workflow", url_name="job_workflow", summary="The workflow graph the job runs")
+def get_workflow(request, job_id: uuid.UUID):
     task = own_task(request, job_id)
     # Without the private filename prefixes the hub gave the job's outputs: the graph as the caller would send it.
     return {"workflow": plain_output_names(task.graph), "format": "api"}
 
 
-@router.post("/{job_id}/cancel", url_name="job_cancel", summary="Request cancellation")
-def cancel(request, job_id: str):
+@router.post("/{uuid:job_id}/cancel", url_name="job_cancel", summary="Request cancellation")
+def cancel(request, job_id: uuid.UUID):
     """A queued job is canceled at once; a running one is `canceling` until its server has stopped it."""
     task = own_task(request, job_id)
     asked = task.cancel_requested_at is None and task.status != TaskStatus.QUEUED

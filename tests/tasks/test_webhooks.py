@@ -359,3 +359,15 @@ def test_a_user_sets_a_tokens_webhook_on_the_account_page_and_sees_its_secret_on
     other = Client()
     other.force_login(bob)
     assert "93.184.216.34" not in other.get("/account/").content.decode()
+
+
+def test_a_v2_job_takes_its_tokens_default_webhook(alice, allow_private, raw_graph_permission):
+    from tests.v2.conftest import FAST_GRAPH
+
+    alice.user_permissions.add(raw_graph_permission)
+    api = hooked_api(alice, "http://127.0.0.1:9/v2")
+    reply = api.post("/api/v2/jobs", {"workflow": FAST_GRAPH})
+    assert reply.status_code == 201, reply.content
+    task = Task.objects.get(pk=reply.json()["id"])
+    assert (task.webhook_url, task.webhook_token_id) == ("http://127.0.0.1:9/v2", api.token_row.pk)
+    assert list(WebhookDelivery.objects.values_list("task_id", "event")) == [(task.pk, "task.queued")]
