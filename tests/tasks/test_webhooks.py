@@ -182,7 +182,11 @@ def test_a_task_run_by_the_engine_delivers_signed_webhooks(
     # Signed with alice's secret and no other.
     with pytest.raises(Exception, match="signature"):
         Webhook(hooked_api(alice, receiver.url).secret).verify(last["body"], last["headers"])
-    assert set(WebhookDelivery.objects.values_list("status", flat=True)) == {DeliveryStatus.DELIVERED}
+    # The sender records the answer just after the receiver has the post.
+    wait_for(
+        lambda: set(WebhookDelivery.objects.values_list("status", flat=True)) == {DeliveryStatus.DELIVERED},
+        message="every delivery recorded as delivered",
+    )
 
 
 def test_a_cancelled_task_sends_its_cancel(alice, workflows, allow_private, receiver):
