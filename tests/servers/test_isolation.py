@@ -258,6 +258,11 @@ def test_a_task_whose_cancel_raises_fails_alone(alice_api, workflows, server, si
         "delete_from_queue",
         raise_for(lambda client, prompt_ids: set(prompt_ids) & poison.prompts, ComfyClient.delete_from_queue),
     )
+    monkeypatch.setattr(  # how ComfyUI 0.26 and later are asked
+        ComfyClient,
+        "cancel_job",
+        raise_for(lambda client, prompt_id: prompt_id in poison.prompts, ComfyClient.cancel_job),
+    )
     simulator.set_time_scale(1.0)
     first = submit(alice_api, [1], workflow="blur-sharpen")
     wait_for(lambda: Task.objects.get(pk=first[1]).status == "running", message="the first task to run")
