@@ -290,12 +290,26 @@ class ComfyClient:
         try:
             reply = await self._json("GET", f"/api/jobs/{prompt_id}")
         except ComfyRejected as exc:
-            if exc.status == 404:
+            # Only the jobs API's own 404 means "no such job"; a route the server lacks is not an answer.
+            if exc.status == 404 and exc.payload.get("error") == "Job not found":
                 return None
             raise
         if not isinstance(reply, dict) or not isinstance(reply.get("status"), str):
             raise ComfyUnavailable(f"/api/jobs/{prompt_id} answered an unexpected body")
         return reply
+
+    async def locate(self, prompt_id) -> tuple[str | None, HistoryEntry | None]:
+        """
+        Where one prompt is, in one call on 0.26 and later (/queue sends every queued graph, /history a second
+        request): ("running" or "pending", None), (None, its history entry) once finished, or (None, None).
+        """
+        job = await self.job(prompt_id)
+        if job is None:
+            return None, None
+        if job["status"] in ("in_progress", "pending"):
+            return ("running" if job["status"] == "in_progress" else "pending"), None
+        raw = {"status": job.get("execution_status"), "outputs": job.get("outputs")}
+        return None, HistoryEntry.parse(prompt_id, raw)
 
     async def upload_image(self, data, name, *, overwrite=True) -> str:
         files = {"image": (name, data, "application/octet-stream")}

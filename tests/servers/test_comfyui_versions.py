@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from comfysim import SimulatorThread
+from servers.comfy import ComfyClient
 from servers.models import Server, ServerState
 from tasks.models import Task, TaskStatus
 from tests.conftest import wait_for
@@ -94,3 +95,28 @@ def test_a_node_type_the_server_lacks_fails_the_task_naming_it(admin_api, server
         assert task.error_details["error"]["type"] == "missing_node_type"
     else:
         assert task.error_details["error"]["type"] == "invalid_prompt"
+
+
+def test_reconciliation_finds_a_task_whose_end_the_socket_missed(
+    alice_api, workflows, server, simulator, monkeypatch
+):
+    located = []
+    real_locate = ComfyClient.locate
+
+    async def locate(client, prompt_id):
+        located.append(prompt_id)
+        return await real_locate(client, prompt_id)
+
+    monkeypatch.setattr(ComfyClient, "locate", locate)
+    task_id = run_and_hold(alice_api, simulator, 9)
+    prompt_id = Task.objects.get(pk=task_id).prompt_id
+    simulator.unplug()  # it ends while nobody hears: its end messages are never replayed
+    simulator.unstall()
+    wait_for(lambda: [job for job in simulator.sim.job_log if job[0] == prompt_id], message="the job to end")
+    simulator.plug()
+    task = finished(task_id, timeout=30)
+    assert task.status == TaskStatus.SUCCEEDED, task.error
+    assert task.outputs.count() == 1
+    assert messages(task, "succeeded")[0].startswith("finished (history")
+    # One task on the server: 0.26 answers where it is and its outputs in one GET /api/jobs/{id}.
+    assert (prompt_id in located) is simulator.sim.modern

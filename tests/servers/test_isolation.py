@@ -207,6 +207,8 @@ def inject(step, monkeypatch, poison):
     elif step == "reconcile":
         poisoned = lambda client, prompt_id: prompt_id in poison.prompts  # noqa: E731
         monkeypatch.setattr(ComfyClient, "history", raise_for(poisoned, ComfyClient.history))
+        # ComfyUI 0.26 and later are asked about a lone prompt with one GET /api/jobs/{id}.
+        monkeypatch.setattr(ComfyClient, "locate", raise_for(poisoned, ComfyClient.locate))
     elif step == "store_outputs":
         monkeypatch.setattr(outputs, "complete", raise_for(lambda task, *args: is_poisoned(task), outputs.complete))
     else:
