@@ -5,7 +5,7 @@ import asyncio
 import logging
 import signal
 
-from comfysim.protocol import PREVIEW_METHODS
+from comfysim.protocol import COMFYUI_VERSION, PREVIEW_METHODS, VERSIONS
 from comfysim.server import Simulator
 
 
@@ -39,6 +39,12 @@ def add_arguments(parser):
         choices=PREVIEW_METHODS,
         default="none",
         help="As ComfyUI's flag: how KSampler draws sampler previews (none: no previews)",
+    )
+    parser.add_argument(
+        "--comfyui-version",
+        choices=VERSIONS,
+        default=COMFYUI_VERSION,
+        help="Which measured ComfyUI release to behave as (default: the newer)",
     )
 
 
@@ -76,7 +82,11 @@ def main(argv=None):
         parser().error(problem)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     simulator = Simulator(
-        time_scale=args.time_scale, output_dir=args.output_dir, name=args.name, preview_method=args.preview_method
+        time_scale=args.time_scale,
+        output_dir=args.output_dir,
+        name=args.name,
+        preview_method=args.preview_method,
+        comfyui_version=args.comfyui_version,
     )
     try:
         asyncio.run(serve(simulator, args.host, args.port))

@@ -10,6 +10,8 @@ import logging
 
 from aiohttp import web
 
+from comfysim.protocol import missing_node_type_error
+
 logger = logging.getLogger(__name__)
 
 
@@ -27,6 +29,8 @@ class Faults:
         for node_id, node in prompt.items():
             if not isinstance(node, dict):
                 continue
+            if node.get("class_type") in self.missing_nodes and self.modern:
+                return missing_node_type_error(node_id, node)
             if node.get("class_type") in self.missing_nodes:
                 message = f"Cannot execute because node {node['class_type']} does not exist."
                 return {"type": "invalid_prompt", "message": message, "details": f"Node ID '#{node_id}'",

@@ -148,8 +148,10 @@ class Job:
         else:
             await self.add_message("execution_success", {"prompt_id": self.prompt_id})
 
-        # History shows the UI output of every node of this graph that has one in the cache, old or new.
-        for node_id in self.prompt:
+        # History shows the UI output of every node of this graph that has one in the cache, old or new; 0.26
+        # forgets the ones served from the cache when the job has no client_id (a fully cached rerun: none, §7.4).
+        shown = self.executed if sim.modern and self.client_id is None else list(self.prompt)
+        for node_id in shown:
             entry = sim._cache.get(self.keys[node_id])
             if entry is not None and entry.ui:
                 self.outputs[node_id] = entry.ui

@@ -17,12 +17,17 @@ from PIL import Image
 
 from comfysim.nodes import CHECKPOINTS, NODE_CLASSES, is_image_file, validate_prompt
 from comfysim.protocol import (
+    COMFY_PACKAGE_VERSIONS,
+    DEPLOY_ENVIRONMENT,
     MAX_UPLOAD_SIZE,
     MODEL_FOLDERS,
     SENSITIVE_EXTRA_DATA_KEYS,
     SERVER_ERROR_TEXT,
-    SERVER_FEATURES,
+    invalid_prompt_id_error,
+    is_canonical_uuid,
     is_loopback,
+    missing_node_type_error,
+    now_ms,
 )
 
 logger = logging.getLogger(__name__)
@@ -33,7 +38,9 @@ class HttpRoutes:
 
 
     def _make_app(self) -> web.Application:
-        app = web.Application(middlewares=[_origin_check, self._errors], client_max_size=MAX_UPLOAD_SIZE)
+        middlewares = [_cross_site_check] if self.modern else []
+        middlewares += [_origin_check, self._errors]
+        app = web.Application(middlewares=middlewares, client_max_size=MAX_UPLOAD_SIZE)
         routes = [
             ("GET", "/ws", self._websocket),
             ("GET", "/prompt", self._get_prompt),
@@ -50,12 +57,14 @@ class HttpRoutes:
             ("GET", "/system_stats", self._system_stats),
             ("GET", "/object_info", self._object_info),
             ("GET", "/object_info/{node_class}", self._object_info),
-            ("GET", "/features", _constant(SERVER_FEATURES)),
+            ("GET", "/features", self._features),
             ("GET", "/embeddings", _constant([])),
             ("GET", "/extensions", _constant([])),
             ("GET", "/models", _constant(MODEL_FOLDERS)),
             ("GET", "/models/{folder}", self._models),
         ]
+        if self.modern:
+            routes += self._jobs_routes()
         for method, path, handler in routes:
             app.router.add_route(method, path, handler)
             app.router.add_route(method, "/api" + path, handler)
@@ -94,12 +103,24 @@ class HttpRoutes:
             error = {"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided"}
             return web.json_response({"error": {**error, "extra_info": {}}, "node_errors": {}}, status=400)
         prompt = body["prompt"]
+        if self.modern and body.get("prompt_id") is not None and not is_canonical_uuid(body["prompt_id"]):
+            # 0.26: refused before anything else is looked at, but after the counter moved on (§7.1).
+            logger.info("Simulator %s: refused prompt_id %r", self.name, body["prompt_id"])
+            return web.json_response({"error": invalid_prompt_id_error(), "node_errors": {}}, status=400)
         prompt_id = str(body.get("prompt_id", uuid.uuid4()))
-        error, outputs, node_errors = validate_prompt(prompt, body.get("partial_execution_targets"), self.folders)
-        error = self._capability_error(prompt) or error
+        if self.modern and body.get("prompt_id") is None:
+            prompt_id = str(uuid.uuid4())
+        error = self._missing_node_type(prompt) if self.modern else None
+        if error is None:
+            error, outputs, node_errors = validate_prompt(prompt, body.get("partial_execution_targets"), self.folders)
+            error = self._capability_error(prompt) or error
+        else:
+            outputs, node_errors = [], {}
         extra_data = body.get("extra_data", {})
         if "client_id" in body:
             extra_data["client_id"] = body["client_id"]
+        if self.modern:
+            extra_data["create_time"] = now_ms()
         if error is not None:
             logger.info("Simulator %s: invalid prompt: %s", self.name, error["message"])
             return web.json_response({"error": error, "node_errors": node_errors}, status=400)
@@ -113,6 +134,16 @@ class HttpRoutes:
         self._wakeup.set()
         self._queue_updated()
         return web.json_response({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
+
+    def _missing_node_type(self, prompt) -> dict | None:
+        """0.26's first check of a graph: every node names a class this server has (§7.3)."""
+        if not isinstance(prompt, dict):
+            return None
+        for node_id, node in prompt.items():
+            class_type = node.get("class_type") if isinstance(node, dict) else None
+            if class_type not in NODE_CLASSES or class_type in self.missing_nodes:
+                return missing_node_type_error(node_id, node)
+        return None
 
     async def _get_queue(self, request: web.Request) -> web.Response:
         running, pending = self.queue_snapshot()
@@ -224,7 +255,7 @@ class HttpRoutes:
         argv = ["main.py", "--cpu", "--listen", self._host, "--port", str(self.port)]
         argv += ["--simulator-name", self.name, "--simulator-started", self.started_at.isoformat()]
         system = {
-            "os": sys.platform,
+            "os": sys.platform if self.modern else os.name,  # "linux" on 0.26, "posix" before
             "ram_total": ram_total,
             "ram_free": ram_free,
             "comfyui_version": self.comfyui_version,
@@ -234,6 +265,8 @@ class HttpRoutes:
             "embedded_python": False,
             "argv": argv,
         }
+        if self.modern:
+            system.update(comfy_package_versions=COMFY_PACKAGE_VERSIONS, deploy_environment=DEPLOY_ENVIRONMENT)
         device = {"name": "cpu", "type": "cpu", "index": None, "vram_total": ram_total, "vram_free": ram_free}
         device.update(torch_vram_total=ram_total, torch_vram_free=ram_free)
         return web.json_response({"system": system, "devices": [device]})
@@ -257,11 +290,25 @@ class HttpRoutes:
         return web.json_response(list(CHECKPOINTS) if folder == "checkpoints" else [])
 
 
+    async def _features(self, request: web.Request) -> web.Response:
+        return web.json_response(self.features)
+
+
 def _constant(value):
     async def handler(request: web.Request) -> web.Response:
         return web.json_response(value)
 
     return handler
+
+
+@web.middleware
+async def _cross_site_check(request: web.Request, handler):
+    # 0.26: a browser request another site made is refused on every route, /ws included (§7.2). Only this
+    # exact value: "same-site", "none" or a capitalised "Cross-Site" pass.
+    if request.headers.get("Sec-Fetch-Site") == "cross-site":
+        logger.warning("Refused a cross-site request to %s", request.path)
+        return web.Response(status=403)
+    return await handler(request)
 
 
 @web.middleware

@@ -1,6 +1,6 @@
 """
-A ComfyUI server simulator: ComfyUI 0.3.64's HTTP + websocket protocol, as measured on real servers, on aiohttp
-(like ComfyUI), without a GPU.
+A ComfyUI server simulator: ComfyUI 0.26's (or 0.3.64's) HTTP + websocket protocol, as measured on real servers,
+on aiohttp (like ComfyUI), without a GPU.
 
 It copies the real server's behaviour including the parts that hurt clients: one job at a time (lowest `number`
 first), no prompt_id deduplication, execution messages only to the socket of the job's clientId and never
@@ -37,12 +37,15 @@ from aiohttp import WSMsgType, web
 
 from comfysim.faults import Faults
 from comfysim.jobs import Job
+from comfysim.jobs_api import JobsRoutes
 from comfysim.nodes import Folders, Interrupted, OutputCache
 from comfysim.protocol import (
     COMFYUI_VERSION,
+    JOBS_API_VERSION,
     MAXIMUM_HISTORY_SIZE,
     PREVIEW_METHODS,
     SERVER_FEATURES,
+    SERVER_FEATURES_0_26,
     SLICE_SECONDS,
     version_at_least,
 )
@@ -59,7 +62,7 @@ class _Socket:
     feature_flags: dict = field(default_factory=dict)
 
 
-class Simulator(Faults, HttpRoutes):
+class Simulator(Faults, JobsRoutes, HttpRoutes):
     """One simulated ComfyUI server, run on the caller's event loop.
 
     time_scale multiplies every node's duration (1.0 looks real: txt2img ~4 s, slow.json ~10 s; 0 runs nodes
@@ -68,9 +71,12 @@ class Simulator(Faults, HttpRoutes):
     executed_prompt_ids (every job started, in order, repeats kept) and busy_seconds (time spent running
     jobs) are statistics for tests and benchmarks; they survive restart().
 
-    comfyui_version is what /system_stats reports. preview_method is ComfyUI's --preview-method flag (none,
-    auto, latent2rgb, taesd): whether KSampler sends sampler previews as binary frames. A version 0.5 or later
-    lets a prompt's extra_data.preview_method override it, as ComfyUI does.
+    comfyui_version is the ComfyUI release it plays: "0.26.0" (the default) or "0.3.64", as measured (see
+    comfyui-protocol.md §7 for what differs: UUID prompt ids, missing_node_type, Sec-Fetch-Site, /api/jobs,
+    create_time, empty outputs of a fully cached rerun without client_id); any other version string is reported
+    by /system_stats and behaves as the nearest of the two below it. preview_method is ComfyUI's --preview-method
+    flag (none, auto, latent2rgb, taesd): whether KSampler sends sampler previews as binary frames. A version 0.5
+    or later lets a prompt's extra_data.preview_method override it, as ComfyUI does.
     """
 
     def __init__(
@@ -130,6 +136,16 @@ class Simulator(Faults, HttpRoutes):
         self._gate = asyncio.Event()  # cleared while stalled
         self._gate.set()
         self.started_at = datetime.datetime.now(datetime.UTC)
+
+    @property
+    def modern(self) -> bool:
+        """Whether this server behaves as ComfyUI 0.26 (True) or as 0.3.64."""
+        return version_at_least(self.comfyui_version, JOBS_API_VERSION)
+
+    @property
+    def features(self) -> dict:
+        """GET /features, and the reply to a socket's feature_flags message."""
+        return SERVER_FEATURES_0_26 if self.modern else SERVER_FEATURES
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
@@ -349,7 +365,7 @@ class Simulator(Faults, HttpRoutes):
                     continue
                 if first_message and isinstance(data, dict) and data.get("type") == "feature_flags":
                     sock.feature_flags = data.get("data") or {}
-                    await self._send(ws, json.dumps({"type": "feature_flags", "data": SERVER_FEATURES}))
+                    await self._send(ws, json.dumps({"type": "feature_flags", "data": self.features}))
                 first_message = False
         finally:
             self._open_sockets.discard(sock)

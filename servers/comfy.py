@@ -47,11 +47,21 @@ class ComfyRejected(ComfyError):
 
     @property
     def error(self):
-        return (self.payload or {}).get("error") or {}
+        error = (self.payload or {}).get("error") or {}
+        return error if isinstance(error, dict) else {"message": str(error)}
 
     @property
     def node_errors(self):
         return (self.payload or {}).get("node_errors") or {}
+
+
+def speaks_jobs_api(version):
+    """Whether a ComfyUI of this version has /api/jobs with its atomic cancel (0.26 and later); unknown: no."""
+    try:
+        parts = tuple(int(part) for part in str(version).lstrip("v").split(".")[:2])
+    except ValueError:
+        return False
+    return len(parts) == 2 and parts >= (0, 26)
 
 
 # --- replies --------------------------------------------------------------------------------------------
@@ -207,7 +217,9 @@ class ComfyClient:
                 payload = reply.json()
             except ValueError:
                 payload = {"error": {"message": reply.text[:500]}}
-            message = ((payload.get("error") or {}) if isinstance(payload, dict) else {}).get("message")
+            error = payload.get("error") if isinstance(payload, dict) else None
+            # ComfyUI's /prompt says {"error": {"message": ...}}; 0.26's /api/jobs says {"error": "..."}.
+            message = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else None
             raise ComfyRejected(
                 message or f"{method} {path} answered {reply.status_code}",
                 status=reply.status_code,
@@ -264,6 +276,40 @@ class ComfyClient:
 
     async def interrupt(self, prompt_id=None):
         await self._request("POST", "/interrupt", json={"prompt_id": prompt_id} if prompt_id else None)
+
+    async def cancel_job(self, prompt_id) -> bool:
+        """0.26's atomic cancel: a pending prompt leaves the queue (and every trace), the running one is interrupted
+        at its next node boundary. False when the server had it in neither place (finished, unknown)."""
+        reply = await self._json("POST", f"/api/jobs/{prompt_id}/cancel")
+        if not isinstance(reply, dict) or not isinstance(reply.get("cancelled"), bool):
+            raise ComfyUnavailable(f"/api/jobs/{prompt_id}/cancel answered an unexpected body")
+        return reply["cancelled"]
+
+    async def job(self, prompt_id) -> dict | None:
+        """0.26's GET /api/jobs/{id}; None when the server knows no such job (a cancelled pending one included)."""
+        try:
+            reply = await self._json("GET", f"/api/jobs/{prompt_id}")
+        except ComfyRejected as exc:
+            # Only the jobs API's own 404 means "no such job"; a route the server lacks is not an answer.
+            if exc.status == 404 and exc.payload.get("error") == "Job not found":
+                return None
+            raise
+        if not isinstance(reply, dict) or not isinstance(reply.get("status"), str):
+            raise ComfyUnavailable(f"/api/jobs/{prompt_id} answered an unexpected body")
+        return reply
+
+    async def locate(self, prompt_id) -> tuple[str | None, HistoryEntry | None]:
+        """
+        Where one prompt is, in one call on 0.26 and later (/queue sends every queued graph, /history a second
+        request): ("running" or "pending", None), (None, its history entry) once finished, or (None, None).
+        """
+        job = await self.job(prompt_id)
+        if job is None:
+            return None, None
+        if job["status"] in ("in_progress", "pending"):
+            return ("running" if job["status"] == "in_progress" else "pending"), None
+        raw = {"status": job.get("execution_status"), "outputs": job.get("outputs")}
+        return None, HistoryEntry.parse(prompt_id, raw)
 
     async def upload_image(self, data, name, *, overwrite=True) -> str:
         files = {"image": (name, data, "application/octet-stream")}

@@ -9,7 +9,7 @@ import logging
 import time
 
 from servers.aio import db, jittered, phase
-from servers.comfy import ComfyError
+from servers.comfy import ComfyError, speaks_jobs_api
 from tasks.models import Task, TaskStatus
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,9 @@ class Reconciler:
             tasks = [task for task in tasks if task.prompt_id in only]
         if not tasks:
             return 0
-        queue = await self.client.queue()
+        # One prompt on 0.26 and later: GET /api/jobs/{id} answers where it is, and its history, in one call.
+        single = len(tasks) == 1 and speaks_jobs_api(self.server.comfyui_version)
+        queue = None if single else await self.client.queue()
         settled, missed, found_at = 0, {}, time.monotonic()
         for task in tasks:
             prompt_id = task.prompt_id
@@ -83,7 +85,7 @@ class Reconciler:
                 if prompt_id not in prompts.own:
                     prompts.adopted.add(prompt_id)
                 prompts.tasks[prompt_id] = task
-                where = queue.where(prompt_id)
+                where, entry = await self.client.locate(prompt_id) if single else (queue.where(prompt_id), None)
                 if where == "running":
                     prompts.running = prompt_id
                     if task.status == TaskStatus.SUBMITTED and await db(task.mark_running)("queue") and followed:
@@ -94,7 +96,8 @@ class Reconciler:
                         await db(task.mark_accepted)()
                     continue
                 # In neither queue list: it has finished (history), or the server never got it or lost it.
-                entry = await self.client.history(prompt_id)
+                if not single:
+                    entry = await self.client.history(prompt_id)
                 if entry is not None:
                     if followed:
                         missed[prompt_id] = prompts.heard_end

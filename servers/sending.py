@@ -8,7 +8,7 @@ import time
 
 from servers import previews
 from servers.aio import db
-from servers.comfy import ComfyError, ComfyRejected, ComfyUnavailable
+from servers.comfy import ComfyError, ComfyRejected, ComfyUnavailable, speaks_jobs_api
 from tasks.models import Task, TaskStatus, Upload
 
 logger = logging.getLogger(__name__)
@@ -155,6 +155,9 @@ class Sending:
         self.prompts.cancel_sent.add(prompt_id)
         self.prompts.tasks[prompt_id] = task
         try:
+            if speaks_jobs_api(self.server.comfyui_version):
+                await self.cancel_job(task)
+                return
             queue = await self.client.queue()
             where = queue.where(prompt_id)
             if where == "pending":
@@ -173,9 +176,35 @@ class Sending:
             self.prompts.cancel_sent.discard(prompt_id)  # the next step tries again (the caller's guard counts it)
             raise
 
+    async def cancel_job(self, task):
+        """
+        Cancel on ComfyUI 0.26 and later: one atomic call, where /queue then /interrupt could miss a prompt that
+        started in between. A pending prompt cancelled there vanishes without a trace (its /api/jobs is a 404, it
+        never reaches /history), so the hub records that cancel itself; a running one ends interrupted and is
+        finished from its history like any other.
+        """
+        prompt_id, name = task.prompt_id, self.server.name
+        if not await self.client.cancel_job(prompt_id):
+            await db(task.record)("cancel_sent", f"not queued on {name}")
+            await self.reconcile("cancel")
+            return
+        job = await self.client.job(prompt_id)
+        if job is None:
+            await db(task.record)("cancel_sent", f"pending on {name}")
+            await db(task.mark_cancelled)(f"removed from {name}'s queue")
+            self.prompts.forget(prompt_id)
+        elif job["status"] in ("pending", "in_progress"):
+            await db(task.record)("cancel_sent", f"running on {name}")
+        else:
+            await db(task.record)("cancel_sent", f"running on {name}")
+            await self.reconcile("cancel")  # interrupted already: its history is there
+
     async def take_off(self, prompt_id):
         """Delete the prompt from the server's queue, or interrupt it if it runs; a failure is only logged."""
         try:
+            if speaks_jobs_api(self.server.comfyui_version):
+                await self.client.cancel_job(prompt_id)
+                return
             where = (await self.client.queue()).where(prompt_id)
             if where == "pending":
                 await self.client.delete_from_queue([prompt_id])
@@ -192,6 +221,13 @@ def read_file(field):
 
 def rejection_message(exc):
     error = exc.error
+    if error.get("type") == "missing_node_type":
+        # ComfyUI 0.26 names the node; say what the task needs in the words of the hub.
+        info = error.get("extra_info") if isinstance(error.get("extra_info"), dict) else {}
+        class_type, node_id = info.get("class_type"), info.get("node_id")
+        if class_type:
+            return f"the server has no node type {class_type} (node {node_id}); the custom node may not be installed"
+        return f"node {node_id} of the graph has no class_type: {error.get('message') or exc.message}"
     message = error.get("message") or exc.message
     if error.get("details"):
         message = f"{message}: {error['details']}"

@@ -17,7 +17,8 @@ def test_it_imports_without_django():
 def test_python_dash_m_comfysim_serves_until_terminated(tmp_path):
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "comfysim", "--port", str(port), "--time-scale", "0", "--output-dir", str(tmp_path)],
+        [sys.executable, "-m", "comfysim", "--port", str(port), "--time-scale", "0", "--output-dir", str(tmp_path),
+         "--comfyui-version", "0.3.64"],  # fmt: skip
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -45,3 +46,11 @@ def test_bad_arguments_are_refused_with_a_sentence():
     )
     assert reply.returncode == 2
     assert "--time-scale must be 0 or more" in reply.stderr
+
+
+def test_an_unmeasured_comfyui_version_is_refused():
+    reply = subprocess.run(
+        [sys.executable, "-m", "comfysim", "--comfyui-version", "0.99.0"], capture_output=True, text=True, timeout=30
+    )
+    assert reply.returncode == 2
+    assert "invalid choice: '0.99.0'" in reply.stderr and "0.3.64" in reply.stderr

@@ -1,6 +1,7 @@
 """The ComfyUI simulator speaks ComfyUI 0.3.64's protocol as measured on real servers.
 
-Real HTTP and websocket clients against a simulator on 127.0.0.1:0; no database.
+Real HTTP and websocket clients against a simulator on 127.0.0.1:0; no database. What 0.26 does differently,
+and what it keeps, is in test_comfyui_026.py.
 """
 
 import asyncio
@@ -113,7 +114,7 @@ def png_bytes(size=(40, 30), color=(200, 10, 10)):
 
 @pytest_asyncio.fixture
 async def sim(tmp_path):
-    simulator = Simulator(time_scale=0, output_dir=tmp_path)
+    simulator = Simulator(time_scale=0, output_dir=tmp_path, comfyui_version="0.3.64")
     await simulator.start()
     yield simulator
     await simulator.stop()
@@ -987,10 +988,11 @@ async def test_a_stalled_job_sends_nothing_until_unstalled(sim, http):
 
 def test_simulator_thread_serves_sync_code(tmp_path):
     with SimulatorThread(time_scale=0, output_dir=tmp_path, name="threaded") as server:
-        reply = httpx.post(f"{server.url}/prompt", json={"prompt": invert_graph(), "prompt_id": "sync"})
+        prompt_id = "0b5c3a52-5d0e-4b7f-9a43-52f2a1c6e001"
+        reply = httpx.post(f"{server.url}/prompt", json={"prompt": invert_graph(), "prompt_id": prompt_id})
         assert reply.status_code == 200
         for _ in range(500):
-            if httpx.get(f"{server.url}/history/sync").json():
+            if httpx.get(f"{server.url}/history/{prompt_id}").json():
                 break
         running, pending = server.call(server.sim.queue_snapshot)
         assert running == [] and pending == []

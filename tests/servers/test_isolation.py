@@ -207,6 +207,8 @@ def inject(step, monkeypatch, poison):
     elif step == "reconcile":
         poisoned = lambda client, prompt_id: prompt_id in poison.prompts  # noqa: E731
         monkeypatch.setattr(ComfyClient, "history", raise_for(poisoned, ComfyClient.history))
+        # ComfyUI 0.26 and later are asked about a lone prompt with one GET /api/jobs/{id}.
+        monkeypatch.setattr(ComfyClient, "locate", raise_for(poisoned, ComfyClient.locate))
     elif step == "store_outputs":
         monkeypatch.setattr(outputs, "complete", raise_for(lambda task, *args: is_poisoned(task), outputs.complete))
     else:
@@ -257,6 +259,11 @@ def test_a_task_whose_cancel_raises_fails_alone(alice_api, workflows, server, si
         ComfyClient,
         "delete_from_queue",
         raise_for(lambda client, prompt_ids: set(prompt_ids) & poison.prompts, ComfyClient.delete_from_queue),
+    )
+    monkeypatch.setattr(  # how ComfyUI 0.26 and later are asked
+        ComfyClient,
+        "cancel_job",
+        raise_for(lambda client, prompt_id: prompt_id in poison.prompts, ComfyClient.cancel_job),
     )
     simulator.set_time_scale(1.0)
     first = submit(alice_api, [1], workflow="blur-sharpen")

@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 from comfysim import Simulator
 from comfysim.cli import ListenError, add_arguments, check
 from comfysim.cli import serve as serve_simulator
+from comfysim.protocol import COMFYUI_VERSION
 
 
 class Command(BaseCommand):
@@ -19,11 +20,20 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         add_arguments(parser)
 
-    def handle(self, *, port, host, time_scale, output_dir, name, preview_method="none", **options):
+    def handle(
+        self, *, port, host, time_scale, output_dir, name, preview_method="none", comfyui_version=COMFYUI_VERSION,
+        **options,
+    ):
         problem = check(port, time_scale)
         if problem:
             raise CommandError(problem)
-        simulator = Simulator(time_scale=time_scale, output_dir=output_dir, name=name, preview_method=preview_method)
+        simulator = Simulator(
+            time_scale=time_scale,
+            output_dir=output_dir,
+            name=name,
+            preview_method=preview_method,
+            comfyui_version=comfyui_version,
+        )
         asyncio.run(self.serve(simulator, host, port))
 
     async def serve(self, simulator, host, port, stop=None):
