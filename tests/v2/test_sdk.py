@@ -6,7 +6,6 @@ an integrator who points the SDK at comfyhub with a comfyhub token gets.
 import json
 from pathlib import Path
 
-import httpx
 import pytest
 from comfy_sdk import Comfy
 from comfy_sdk.events import OutputReady, Progress, StatusChange
@@ -53,11 +52,14 @@ def test_a_job_runs_through_the_sdk_with_its_outputs_and_labels(sdk, hub):  # no
     assert job.status == "succeeded"
     [output] = job.outputs
     assert output.node_id == "2" and output.type == "image" and output.content_type == "image/png"
-    # Its bytes, from the link the job gives (the SDK's own download goes through v2 assets).
-    auth = {"Authorization": f"Bearer {hub.tokens['alice']}"}
-    [link] = httpx.get(hub.url(f"/api/v2/jobs/{job.id}"), headers=auth, timeout=15).json()["outputs"]
-    image = httpx.get(link["url"], headers=auth, timeout=15)
-    assert image.status_code == 200 and image.content.startswith(b"\x89PNG") and len(image.content) == output.size_bytes
+    # Its bytes, through the SDK's own download (an output is an asset of its owner), whole and by range.
+    data = output.to_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) == output.size_bytes
+    assert output.to_bytes(range=(0, 7)) == data[:8]
+    # ... and never through another user's key.
+    assert alice.assets.get(output.id).job_id == job.id
+    with pytest.raises(NotFound):
+        sdk("bob").assets.get(output.id)
     assert job.get_workflow().graph == graph("fast")
     assert [summary.id for summary in alice.list_jobs(metadata={"suite": "sdk"})] == [job.id]
 
@@ -105,3 +107,25 @@ def test_the_events_of_a_job_that_succeeds_end_with_its_output(sdk):
     seen = list(job.events())
     assert isinstance(seen[-1], StatusChange) and seen[-1].status == "succeeded"
     assert any(isinstance(event, OutputReady) and event.output.node_id == "2" for event in seen)
+
+
+def test_an_asset_uploaded_with_the_sdk_feeds_a_job_on_whichever_server_runs_it(sdk):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 32), (200, 30, 30)).save(buffer, "PNG")
+    alice = sdk("alice")
+    asset = alice.assets.from_bytes(buffer.getvalue(), filename="red.png")
+    workflow = graph("upload-scale")
+    workflow["1"]["inputs"]["image"] = asset.as_reference()
+    job = alice.submit(alice.workflows.from_json(workflow))
+    job.wait(timeout=60)
+    assert job.status == "succeeded"
+    [output] = job.outputs
+    with Image.open(io.BytesIO(output.to_bytes())) as result:
+        assert result.size == (32, 16)  # the asset's bytes, scaled by the graph
+    # Bob names alice's asset in his job: refused as an asset he does not have.
+    with pytest.raises(ComfyError):
+        sdk("bob").submit(sdk("bob").workflows.from_json(workflow))
