@@ -1,8 +1,6 @@
 """JSON API v1: session or `Authorization: Bearer <token>` auth; another user's objects are 404."""
 
-import json
 import logging
-import math
 from functools import wraps
 
 from django import forms
@@ -19,8 +17,9 @@ from django.views.decorators.csrf import csrf_exempt
 from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address, wait_message
 from tasks.downloads import output_response, own_outputs
 from tasks.models import STATUS_FILTERS, ApiToken, TaskStatus, Workflow
-from tasks.params import BindingError, check_tree, describe
+from tasks.params import describe
 from tasks.submission import IdempotencyConflict, QuotaExceeded, create_task, describe_size, store_upload, user_tasks
+from tasks.validators import BindingError, parse_json_body
 from tasks.views import public_details, public_text, server_hosts
 
 logger = logging.getLogger(__name__)
@@ -28,8 +27,6 @@ logger = logging.getLogger(__name__)
 MAX_LIST = 200
 DEFAULT_LIST = 50
 MAX_OFFSET = 10**9
-# Deeper JSON is refused before anything walks it: inputs are flat, and ComfyUI graphs are a few levels deep.
-MAX_JSON_DEPTH = 64
 
 
 def error(status, code, message, details=None):
@@ -196,41 +193,6 @@ def error_json(task, staff):
         "message": public_text(task.error, hosts),
         "details": public_details(task.error_details, hosts),
     }
-
-
-def _refuse_constant(name):
-    raise BindingError("The body has a number JSON does not allow.", {"body": f"{name} is not a finite number"})
-
-
-def _finite_float(text):
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 parses as infinity
-        raise BindingError("The body has a number out of range.", {"body": f"{text[:40]} is not a finite number"})
-    return value
-
-
-def check_json_shape(value):
-    """
-    Refuse what parses but no database or walk should meet: deep nesting, and NUL characters or lone surrogates
-    ("\\ud800" is valid JSON, not UTF-8) in any string or key, named by their place: {"inputs.prompt": "..."}.
-    """
-    check_tree(value, max_depth=MAX_JSON_DEPTH)
-
-
-def parse_json_body(request):
-    if not request.content_type or request.content_type != "application/json":
-        raise BindingError("Send a JSON body with Content-Type: application/json.")
-    try:
-        body = json.loads(request.body or b"null", parse_constant=_refuse_constant, parse_float=_finite_float)
-    except BindingError:
-        raise
-    except (ValueError, RecursionError):
-        # RecursionError: nested deeper than the parser goes (about 1,000 levels).
-        raise BindingError("The body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise BindingError("The body must be a JSON object.")
-    check_json_shape(body)
-    return body
 
 
 @api_view("GET", "POST")

@@ -10,16 +10,14 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import Http404
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
-from ninja.parser import Parser
 from ninja.security import HttpBearer
 
 from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address, wait_message
-from tasks.api import parse_json_body
 from tasks.models import ApiToken
-from tasks.params import BindingError
 from tasks.v2.assets import router as assets_router
 from tasks.v2.errors import ApiError, envelope
 from tasks.v2.events import router as jobs_router  # the job routes, with the event stream added
+from tasks.validators import JsonBodyParser
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +42,9 @@ class TokenAuth(HttpBearer):
         raise ApiError(401, "unauthorized", "The bearer token is unknown or revoked.")
 
 
-class HubParser(Parser):
-    """JSON bodies under the hub's hostile-input rules (finite numbers, depth, NUL, unencodable text)."""
-
-    def parse_body(self, request):
-        try:
-            return parse_json_body(request)
-        except BindingError as exc:
-            raise ApiError(422, "invalid_request", exc.message, exc.details or None) from None
+def refused(exc):
+    """A body the hub's input rules refuse: the contract's 422 invalid_request, saying what and where."""
+    return ApiError(422, "invalid_request", exc.message, exc.details or None)
 
 
 api = NinjaAPI(
@@ -60,7 +53,7 @@ api = NinjaAPI(
     description="Comfy-Org's Comfy API v2 job contract, served over the hub's whole pool of ComfyUI servers.",
     urls_namespace="api-v2",
     auth=TokenAuth(),
-    parser=HubParser(),
+    parser=JsonBodyParser(refuse=refused),
     docs_url=None,
 )
 
