@@ -27,7 +27,7 @@ class TokenAuth(HttpBearer):
     """
     A comfyhub API token. A wrong one is counted against the client's address (comfyhub/ratelimit.py, as v1
     counts); once the address has used up its failures it is answered 429 until the window ends. A valid token
-    always passes: see tasks/api.py for why.
+    always passes: see tasks/api_base.py for why.
     """
 
     def authenticate(self, request, token):

@@ -107,7 +107,7 @@ def test_the_answers_random_ids_never_reach_match_the_document(bearer):
 
     def template(path):
         path = re.sub(r"^/api/v1/workflows/[-\w]+$", "/api/v1/workflows/{slug}", urlsplit(path).path)
-        return re.sub(r"/[0-9a-f-]{36}", "/{id}", path)
+        return re.sub(r"/[0-9a-f-]{36}", "/{pk}", path)
 
     body = json.dumps({"workflow": "txt2img", "inputs": {"prompt": "a red fox in snow"}})
     created = [
