@@ -44,7 +44,7 @@ def refuse_undecodable_text(get_response):
             return get_response(request)
         message = f"The {where} holds text that is not valid UTF-8."
         if request.path.startswith("/api/"):
-            from tasks.api import error
+            from tasks.api_base import error
 
             return error(400, "invalid", message, {field: "is not valid UTF-8 text"})
         return HttpResponseBadRequest(f"{message} Field: {field}", content_type="text/plain; charset=utf-8")

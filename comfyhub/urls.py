@@ -13,5 +13,5 @@ urlpatterns = [
     path("", include("tasks.urls")),
 ]
 
-handler404 = "tasks.api.page_not_found"
-handler500 = "tasks.api.server_error"
+handler404 = "tasks.api_base.page_not_found"
+handler500 = "tasks.api_base.server_error"

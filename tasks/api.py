@@ -1,149 +1,32 @@
-"""JSON API v1: session or `Authorization: Bearer <token>` auth; another user's objects are 404."""
+"""JSON API v1's routes, on the NinjaAPI of tasks/api_base.py; another user's objects are 404."""
 
-import json
-import logging
-import math
-from functools import wraps
+import uuid
 
 from django import forms
 from django.conf import settings
-from django.core.exceptions import BadRequest, PermissionDenied, RequestDataTooBig, SuspiciousOperation
-from django.http import Http404, HttpResponseServerError, JsonResponse
-from django.http.multipartparser import MultiPartParserError
-from django.middleware.csrf import CsrfViewMiddleware
-from django.template import loader
+from django.http import Http404, JsonResponse
 from django.urls import reverse
-from django.views import defaults
-from django.views.decorators.csrf import csrf_exempt
 
-from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address, wait_message
+from tasks.api_base import ApiError, api, error, own
+from tasks.api_schemas import (
+    TaskIn,
+    TaskListOut,
+    TaskOut,
+    UploadOut,
+    WorkflowListOut,
+    WorkflowOut,
+    errors,
+)
 from tasks.downloads import output_response, own_outputs
-from tasks.models import STATUS_FILTERS, ApiToken, TaskStatus, Workflow
-from tasks.params import BindingError, check_tree, describe
+from tasks.models import STATUS_FILTERS, TaskStatus, Workflow
+from tasks.params import describe
 from tasks.submission import IdempotencyConflict, QuotaExceeded, create_task, describe_size, store_upload, user_tasks
+from tasks.validators import BindingError, parse_json_body
 from tasks.views import public_details, public_text, server_hosts
-
-logger = logging.getLogger(__name__)
 
 MAX_LIST = 200
 DEFAULT_LIST = 50
 MAX_OFFSET = 10**9
-# Deeper JSON is refused before anything walks it: inputs are flat, and ComfyUI graphs are a few levels deep.
-MAX_JSON_DEPTH = 64
-
-
-def error(status, code, message, details=None):
-    return JsonResponse(
-        {"error": {"code": code, "message": message, "details": details or {}}}, status=status
-    )
-
-
-class ApiError(Exception):
-    """An answer in the error shape, raised from anywhere under a view; api_view turns it into the response."""
-
-    def __init__(self, status, code, message, details=None):
-        super().__init__(message)
-        self.response = error(status, code, message, details)
-
-
-def own(queryset, pk, noun):
-    """
-    One of the user's own objects (`queryset` is already filtered to the user), or a 404 that reads the same
-    whether the object belongs to someone else or does not exist at all.
-    """
-    found = queryset.filter(pk=pk).first()
-    if found is None:
-        raise ApiError(404, "not_found", f"There is no {noun} with this id.")
-    return found
-
-
-def page_not_found(request, exception=None):
-    """The site's 404 (handler404): JSON under /api/ (a malformed id, a typo), the HTML page elsewhere."""
-    if request.path.startswith("/api/"):
-        described = "/api/v2/openapi.json" if request.path.startswith("/api/v2/") else "/api/v1/openapi.json"
-        return error(404, "not_found", f"There is nothing at this address; the API is described at {described}.")
-    return defaults.page_not_found(request, exception)
-
-
-def server_error(request):
-    """
-    The site's 500 (handler500): JSON under /api/, the HTML page elsewhere. The page is drawn with the request
-    (navigation for the signed-in user) when that works; when it fails too (the database may be what broke, and the
-    user and the running count come from it), Django's handler draws the same template without a request.
-    """
-    if request.path.startswith("/api/"):
-        return error(500, "server_error", "Something went wrong on the hub; it has been logged.")
-    try:
-        body = loader.render_to_string(defaults.ERROR_500_TEMPLATE_NAME, request=request)
-    except Exception:
-        logger.exception("the error page could not be drawn with its request; drawn without it")
-        return defaults.server_error(request)
-    return HttpResponseServerError(body)
-
-
-def api_view(*methods):
-    """Authenticate by bearer token or session (with CSRF for session writes) and answer errors in JSON."""
-
-    def decorate(view):
-        @csrf_exempt
-        @wraps(view)
-        def wrapper(request, *args, **kwargs):
-            if request.method not in methods:
-                return error(405, "method_not_allowed", f"This address answers {' or '.join(methods)} only.")
-            header = request.headers.get("Authorization", "")
-            if header:
-                scheme, _, token = header.partition(" ")
-                row = ApiToken.authenticate_token(token.strip()) if scheme.lower() == "bearer" and token else None
-                if row is None:
-                    return invalid_token(request)
-                request.api_token, user = row, row.user
-                # A valid token always passes, whatever other clients behind the same address sent: with 256
-                # random bits a token cannot be guessed, so refusing right ones would only let guessers lock
-                # out the integrators who share their address (a NAT, a CI fleet).
-                request.user = user
-            elif not request.user.is_authenticated:
-                return error(401, "not_authenticated", "Log in or send an Authorization: Bearer token.")
-            elif request.method not in ("GET", "HEAD", "OPTIONS"):
-                try:
-                    refused = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
-                except MultiPartParserError:
-                    # The check reads the form's csrfmiddlewaretoken, and so parses the body first.
-                    return error(400, "bad_request", "The request could not be read.")
-                if refused is not None:
-                    return error(403, "csrf_failed", "The CSRF check failed: send the X-CSRFToken header.")
-            try:
-                return view(request, *args, **kwargs)
-            except ApiError as exc:
-                return exc.response
-            except RequestDataTooBig:
-                return error(413, "too_large", "The request body is too large.")
-            except (SuspiciousOperation, MultiPartParserError, BadRequest):
-                return error(400, "bad_request", "The request could not be read.")
-            except Http404:
-                return error(404, "not_found", "There is nothing here, or it is not yours.")
-            except PermissionDenied:
-                return error(403, "forbidden", "You may not do that.")
-            except Exception:
-                # Logged with its traceback for the operators; the client gets JSON without one.
-                logger.exception("API %s %s failed", request.method, request.path)
-                return error(500, "server_error", "Something went wrong on the hub; it has been logged.")
-
-        return wrapper
-
-    return decorate
-
-
-def invalid_token(request):
-    """401 for an invalid token; 429 with Retry-After once its address has sent too many within the window."""
-    address = client_address(request)
-    wait = TOKEN_BY_ADDRESS.retry_after(address)
-    if wait:
-        # Not counted: the window still ends when the answer says, however often a broken client retries.
-        response = error(429, "too_many_attempts", wait_message(wait))
-        response["Retry-After"] = str(wait)
-        return response
-    TOKEN_BY_ADDRESS.fail(address)
-    return error(401, "invalid_token", "The bearer token is missing, unknown or revoked.")
 
 
 def iso(value):
@@ -198,64 +81,64 @@ def error_json(task, staff):
     }
 
 
-def _refuse_constant(name):
-    raise BindingError("The body has a number JSON does not allow.", {"body": f"{name} is not a finite number"})
-
-
-def _finite_float(text):
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 parses as infinity
-        raise BindingError("The body has a number out of range.", {"body": f"{text[:40]} is not a finite number"})
-    return value
-
-
-def check_json_shape(value):
-    """
-    Refuse what parses but no database or walk should meet: deep nesting, and NUL characters or lone surrogates
-    ("\\ud800" is valid JSON, not UTF-8) in any string or key, named by their place: {"inputs.prompt": "..."}.
-    """
-    check_tree(value, max_depth=MAX_JSON_DEPTH)
-
-
-def parse_json_body(request):
-    if not request.content_type or request.content_type != "application/json":
-        raise BindingError("Send a JSON body with Content-Type: application/json.")
+@api.post(
+    "/tasks",
+    operation_id="createTask",
+    url_name="api-tasks",
+    summary="Submit a task.",
+    response={201: TaskOut, 200: TaskOut, **errors(400, 403, 409, 413)},
+    # The body is read by the hub's parser in the view, not by ninja's model: a wrong field gets the sentence
+    # create_task writes for it ("There is no workflow 'x'."), and the model only describes the body.
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {"schema": TaskIn.model_json_schema()}}}
+    },
+)
+def create(request):
     try:
-        body = json.loads(request.body or b"null", parse_constant=_refuse_constant, parse_float=_finite_float)
-    except BindingError:
-        raise
-    except (ValueError, RecursionError):
-        # RecursionError: nested deeper than the parser goes (about 1,000 levels).
-        raise BindingError("The body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise BindingError("The body must be a JSON object.")
-    check_json_shape(body)
-    return body
+        body = parse_json_body(request)
+        task, created = create_task(request.user, body, token=getattr(request, "api_token", None))
+    except BindingError as exc:
+        return error(400, exc.code, exc.message, exc.details)
+    except PermissionError as exc:
+        return error(403, "forbidden", str(exc))
+    except QuotaExceeded as exc:
+        return error(429, "too_many_tasks", str(exc))
+    except IdempotencyConflict as exc:
+        return error(
+            409,
+            "idempotency_key_reused",
+            str(exc),
+            {"idempotency_key": f"was sent with a different body for task {exc.task.pk}; use a new key"},
+        )
+    if created:  # as it was just written: no server, no outputs yet
+        return JsonResponse(task_json(task, request, outputs=()), status=201)
+    task = user_tasks(request.user).get(pk=task.pk)
+    return JsonResponse(task_json(task, request), status=200)
 
 
-@api_view("GET", "POST")
-def tasks_collection(request):
-    if request.method == "POST":
-        try:
-            body = parse_json_body(request)
-            task, created = create_task(request.user, body, token=getattr(request, "api_token", None))
-        except BindingError as exc:
-            return error(400, exc.code, exc.message, exc.details)
-        except PermissionError as exc:
-            return error(403, "forbidden", str(exc))
-        except QuotaExceeded as exc:
-            return error(429, "too_many_tasks", str(exc))
-        except IdempotencyConflict as exc:
-            return error(
-                409,
-                "idempotency_key_reused",
-                str(exc),
-                {"idempotency_key": f"was sent with a different body for task {exc.task.pk}; use a new key"},
-            )
-        if created:  # as it was just written: no server, no outputs yet
-            return JsonResponse(task_json(task, request, outputs=()), status=201)
-        task = user_tasks(request.user).get(pk=task.pk)
-        return JsonResponse(task_json(task, request), status=200)
+LIST_PARAMETERS = [
+    {
+        "name": "status", "in": "query", "description": "`active`: not ended yet; or one status.",
+        "schema": {"type": "string", "enum": list(STATUS_FILTERS)},
+    },
+    {
+        "name": "limit", "in": "query", "description": f"1 to {MAX_LIST}; {DEFAULT_LIST} when absent.",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST, "default": DEFAULT_LIST},
+    },
+    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0}},
+]  # fmt: skip
+
+
+@api.get(
+    "/tasks",
+    operation_id="listTasks",
+    url_name="api-tasks",
+    summary="Your tasks, newest first.",
+    response={200: TaskListOut, **errors(400)},
+    # Read by TaskListQuery in the view, whose messages are the task page's: described here.
+    openapi_extra={"parameters": LIST_PARAMETERS},
+)
+def list_tasks(request):
     query = TaskListQuery(request.GET)
     if not query.is_valid():
         details = {field: " ".join(messages) for field, messages in query.errors.items()}
@@ -290,8 +173,14 @@ class TaskListQuery(forms.Form):
     offset = forms.IntegerField(min_value=0, max_value=MAX_OFFSET, required=False, error_messages=NUMBER_ERRORS)
 
 
-@api_view("GET")
-def task_detail(request, pk):
+@api.get(
+    "/tasks/{uuid:pk}",
+    operation_id="getTask",
+    url_name="api-task",
+    summary="One of your tasks.",
+    response={200: TaskOut, **errors(404)},
+)
+def task_detail(request, pk: uuid.UUID):
     return JsonResponse(task_json(own(user_tasks(request.user), pk, "task"), request))
 
 
@@ -302,8 +191,14 @@ ALREADY_ENDED = {
 }
 
 
-@api_view("POST")
-def task_cancel(request, pk):
+@api.post(
+    "/tasks/{uuid:pk}/cancel",
+    operation_id="cancelTask",
+    url_name="api-task-cancel",
+    summary="Cancel a task: a queued one at once, one on a server is removed from its queue or interrupted.",
+    response={200: TaskOut, **errors(403, 404, 409)},
+)
+def task_cancel(request, pk: uuid.UUID):
     task = own(user_tasks(request.user), pk, "task")
     if not task.request_cancel():
         task.refresh_from_db(fields=["status"])
@@ -314,8 +209,29 @@ def task_cancel(request, pk):
     return JsonResponse(task_json(user_tasks(request.user).get(pk=pk), request))
 
 
-@api_view("GET")
-def output_file(request, pk):
+@api.get(
+    "/outputs/{uuid:pk}",
+    operation_id="getOutput",
+    url_name="api-output",
+    summary="An output file of one of your tasks.",
+    response=errors(404),
+    openapi_extra={
+        "parameters": [
+            {"name": "download", "in": "query", "description": "1: as an attachment.",
+             "schema": {"type": "string", "enum": ["1"]}},
+        ],
+        "responses": {
+            "200": {
+                "description": "The file: inline as its checked raster type, else application/octet-stream as an "
+                "attachment; always with `X-Content-Type-Options: nosniff` and `Content-Security-Policy: sandbox`. "
+                "Its Content-Disposition name is the workflow's slug (`graph` for a raw graph), the seed when the "
+                "task has one, and the output's place among the task's outputs from 1: `txt2img-42-1.png`.",
+                "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+    },
+)  # fmt: skip
+def output_file(request, pk: uuid.UUID):
     output = own(own_outputs(request.user), pk, "output")
     try:
         return output_response(request, output)
@@ -332,14 +248,26 @@ def workflow_json(workflow):
     }
 
 
-@api_view("GET")
+@api.get(
+    "/workflows",
+    operation_id="listWorkflows",
+    url_name="api-workflows",
+    summary="The workflows you may run, with the parameters each takes.",
+    response={200: WorkflowListOut, **errors()},
+)
 def workflows_collection(request):
     workflows = [workflow_json(workflow) for workflow in Workflow.objects.filter(enabled=True)]
     return JsonResponse({"count": len(workflows), "workflows": workflows})
 
 
-@api_view("GET")
-def workflow_detail(request, slug):
+@api.get(
+    "/workflows/{slug:slug}",
+    operation_id="getWorkflow",
+    url_name="api-workflow",
+    summary="One workflow and its parameters.",
+    response={200: WorkflowOut, **errors(404)},
+)
+def workflow_detail(request, slug: str):
     workflow = Workflow.objects.filter(enabled=True, slug=slug).first()
     if workflow is None:
         return error(404, "not_found", f"There is no workflow {slug!r}.")
@@ -361,7 +289,28 @@ def upload_json(upload):
     }
 
 
-@api_view("POST")
+@api.post(
+    "/uploads",
+    operation_id="createUpload",
+    url_name="api-uploads",
+    summary="Upload an image for an image input: PNG, JPEG or WebP only.",
+    response={201: UploadOut, **errors(400, 403, 413)},
+    # Read from request.FILES in the view: the size is checked before Django parses the multipart body.
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {"image": {"type": "string", "format": "binary"}},
+                    }
+                }
+            },
+        }
+    },
+)
 def uploads_collection(request):
     limit = settings.COMFYHUB["MAX_UPLOAD_BYTES"]
     try:
@@ -382,3 +331,16 @@ def uploads_collection(request):
     except BindingError as exc:
         return error(400, "invalid", exc.message, exc.details)
     return JsonResponse(upload_json(row), status=201)
+
+
+@api.get(
+    "/openapi.json",
+    auth=None,
+    operation_id="getOpenApi",
+    url_name="api-openapi",
+    summary="This document.",
+    response={200: dict},
+)
+def openapi_document(request):
+    """Public: it describes the API and holds no data."""
+    return JsonResponse(api.get_openapi_schema(path_prefix=request.path.removesuffix("openapi.json")))

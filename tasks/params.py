@@ -16,6 +16,8 @@ import re
 import secrets
 import uuid
 
+from tasks.validators import BindingError, printable, text_problem
+
 PARAMETER_TYPES = ("text", "int", "float", "seed", "choice", "color", "image")
 COLOR_MAX = 0xFFFFFF
 HEX_COLOR = re.compile(r"#[0-9a-fA-F]{6}")
@@ -34,67 +36,6 @@ FILE_INPUTS = frozenset(
         ("VHS_LoadImagesPath", "directory"),
     }
 )
-
-
-class BindingError(ValueError):
-    """Bad input for a workflow: `details` maps each offending field to a sentence."""
-
-    code = "invalid"  # the API's error code
-
-    def __init__(self, message, details=None):
-        super().__init__(message)
-        self.message = message
-        self.details = details or {}
-
-
-def text_problem(text):
-    """Why `text` cannot be stored or sent (a NUL, a lone surrogate), as a sentence; None when it can."""
-    if "\x00" in text:
-        # PostgreSQL refuses NUL in text and in jsonb: it would be a 500 there and a surprise on ComfyUI.
-        return "must not contain NUL characters"
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            # JSON allows "\ud800" but UTF-8 cannot hold it: no database, page or ComfyUI server could take it.
-            return f"is not valid text: it holds a lone surrogate (\\u{ord(text[exc.start]):04x})"
-    return None
-
-
-def printable(text):
-    """`text` fit to be shown back in an error: lone surrogates and NULs as escapes."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
-
-
-def _place(path):
-    return ".".join(printable(str(part)) for part in path) or "body"
-
-
-def check_tree(value, max_depth=64):
-    """
-    Refuse what parses but no database, page or server should meet: nesting deeper than `max_depth`, and text,
-    keys too, that `text_problem` refuses. Details name the place, e.g. {"inputs.prompt": "..."}.
-    """
-    stack = [(value, 1, ())]
-    while stack:
-        item, depth, path = stack.pop()
-        if depth > max_depth:
-            raise BindingError("The body is nested too deeply.", {_place(path[:1]): f"at most {max_depth} levels"})
-        if isinstance(item, dict):
-            for key, child in item.items():
-                place = (*path, key)
-                problem = text_problem(key) if isinstance(key, str) else None
-                if problem:
-                    raise BindingError(
-                        "The body holds a name that is not valid text.", {_place(place): f"this name {problem}"}
-                    )
-                stack.append((child, depth + 1, place))
-        elif isinstance(item, list):
-            stack.extend((child, depth + 1, (*path, index)) for index, child in enumerate(item))
-        elif isinstance(item, str):
-            problem = text_problem(item)
-            if problem:
-                raise BindingError("The body holds text that is not valid.", {_place(path): problem})
 
 
 def names_server_file(node, input_name):

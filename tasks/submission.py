@@ -25,8 +25,9 @@ from tasks.models import (
     record_webhook,
     webhook_url_problem,
 )
-from tasks.params import BindingError, bind, check_tree, text_problem
+from tasks.params import bind
 from tasks.progress import emit_task_update
+from tasks.validators import BindingError, check_tree, text_problem
 
 UPLOAD_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 PRIORITY_LIMIT = 1_000_000

@@ -4,7 +4,8 @@ import json
 from pathlib import Path
 
 from tasks.models import Workflow
-from tasks.params import BindingError, check_tree, validate_declarations
+from tasks.params import validate_declarations
+from tasks.validators import BindingError, check_tree
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "workflows"
 

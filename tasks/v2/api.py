@@ -10,16 +10,15 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import Http404
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
-from ninja.parser import Parser
 from ninja.security import HttpBearer
 
 from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address, wait_message
-from tasks.api import parse_json_body
 from tasks.models import ApiToken
-from tasks.params import BindingError
+from tasks.v2.assets import ErrorBody
 from tasks.v2.assets import router as assets_router
 from tasks.v2.errors import ApiError, envelope
 from tasks.v2.events import router as jobs_router  # the job routes, with the event stream added
+from tasks.validators import JsonBodyParser
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ class TokenAuth(HttpBearer):
     """
     A comfyhub API token. A wrong one is counted against the client's address (comfyhub/ratelimit.py, as v1
     counts); once the address has used up its failures it is answered 429 until the window ends. A valid token
-    always passes: see tasks/api.py for why.
+    always passes: see tasks/api_base.py for why.
     """
 
     def authenticate(self, request, token):
@@ -44,23 +43,67 @@ class TokenAuth(HttpBearer):
         raise ApiError(401, "unauthorized", "The bearer token is unknown or revoked.")
 
 
-class HubParser(Parser):
-    """JSON bodies under the hub's hostile-input rules (finite numbers, depth, NUL, unencodable text)."""
-
-    def parse_body(self, request):
-        try:
-            return parse_json_body(request)
-        except BindingError as exc:
-            raise ApiError(422, "invalid_request", exc.message, exc.details or None) from None
+def refused(exc):
+    """A body the hub's input rules refuse: the contract's 422 invalid_request, saying what and where."""
+    return ApiError(422, "invalid_request", exc.message, exc.details or None)
 
 
-api = NinjaAPI(
+ERRORS = {
+    "401": "No bearer token, or one that is unknown or revoked (`unauthorized`).",
+    "403": "Not allowed: a raw workflow graph without the permission to send one (`forbidden`).",
+    "404": "Not found, or not yours: another user's job or asset is a 404 too, with the same message (`not_found`).",
+    "409": "The request conflicts with the object's state.",
+    "422": "The request is not valid: `details` names each offending field (`invalid_request` and the like).",
+    "429": "Too many failed token attempts from this address (`too_many_attempts`), or the caller's queue is full "
+    "(`queue_full`); Retry-After says when to try again.",
+}
+
+
+class HubNinjaAPI(NinjaAPI):
+    """
+    The generated document, with the errors every operation may answer in the envelope: ninja lists only the
+    statuses a route declares, and the routes raise ApiError rather than declare each one.
+    """
+
+    def get_openapi_schema(self, *args, **kwargs):
+        document = super().get_openapi_schema(*args, **kwargs)
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        schemas.setdefault("ErrorBody", ErrorBody.model_json_schema())
+        schemas["ErrorOut"] = {
+            "type": "object",
+            "title": "ErrorOut",
+            "required": ["error"],
+            "properties": {"error": {"$ref": "#/components/schemas/ErrorBody"}},
+        }
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+        for path, operations in document["paths"].items():
+            for method, operation in operations.items():
+                statuses = ["422"]
+                if operation.get("security"):
+                    statuses += ["401", "429"]
+                if "{" in path:
+                    statuses.append("404")
+                if (method, path) == ("post", "/api/v2/jobs"):
+                    statuses += ["403", "409"]
+                if method == "post" and path.endswith("/cancel"):
+                    statuses.append("409")
+                responses = operation.setdefault("responses", {})
+                for status in statuses:
+                    # A HEAD answer has no body: its status is the whole answer.
+                    described = {"description": ERRORS[status]} if method == "head" else {"content": error}
+                    responses.setdefault(status, {"description": ERRORS[status], **described})
+                if method == "head":
+                    responses["404"] = {"description": ERRORS["404"]}
+        return document
+
+
+api = HubNinjaAPI(
     title="comfyhub — Comfy API v2",
     version="2",
     description="Comfy-Org's Comfy API v2 job contract, served over the hub's whole pool of ComfyUI servers.",
     urls_namespace="api-v2",
     auth=TokenAuth(),
-    parser=HubParser(),
+    parser=JsonBodyParser(refuse=refused),
     docs_url=None,
 )
 

@@ -21,9 +21,9 @@ from ninja import File, Form, Router, Schema, Status
 from ninja.files import UploadedFile
 
 from tasks.models import Asset, blake3_of
-from tasks.params import BindingError, text_problem
 from tasks.submission import UPLOAD_FORMATS, describe_size, read_image
 from tasks.v2.ranges import ranged_file_response
+from tasks.validators import BindingError, text_problem
 
 router = Router(tags=["assets"])
 

@@ -1,5 +1,6 @@
 import io
 import json
+import re
 
 import pytest
 from django.test import Client
@@ -233,3 +234,21 @@ def test_a_cancel_read_as_queued_of_a_task_sent_meanwhile_asks_its_server(alice,
     task.refresh_from_db()
     assert task.status == TaskStatus.SUBMITTED and task.cancel_requested_at is not None
     assert task.finished_at is None
+
+
+def test_the_openapi_document_is_public_and_describes_every_route(db):
+    """Anyone may read the document, and an API route missing from it (or one it invents) fails here."""
+    from tasks.api_urls import urlpatterns
+
+    reply = Client().get("/api/v1/openapi.json")
+    assert reply.status_code == 200
+    document = reply.json()
+    served = {"/api/v1/" + re.sub(r"<\w+:(\w+)>", r"{\1}", str(pattern.pattern)) for pattern in urlpatterns}
+    assert set(document["paths"]) == served
+    submit = document["paths"]["/api/v1/tasks"]["post"]
+    assert submit["operationId"] == "createTask"
+    assert {"workflow", "inputs", "idempotency_key", "webhook_url"} <= set(
+        submit["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    )
+    assert {"200", "201", "400", "401", "409", "429"} <= set(submit["responses"])
+    assert set(document["components"]["securitySchemes"]) == {"BearerToken", "BrowserSession"}
