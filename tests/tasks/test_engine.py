@@ -18,6 +18,15 @@ from tests.tasks.test_api import png_bytes, upload
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture(params=["0.26.0", "0.3.64"], ids=lambda version: f"comfyui-{version}")
+def simulator(request):
+    """The engine's tests run against both ComfyUI versions the hub speaks (their differences: comfysim/README.md)."""
+    from comfysim import SimulatorThread
+
+    with SimulatorThread(time_scale=0.01, comfyui_version=request.param) as sim:
+        yield sim
+
+
 def finished(task_id, timeout=20):
     def done():
         task = Task.objects.get(pk=task_id)
