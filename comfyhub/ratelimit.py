@@ -101,6 +101,18 @@ def client_address(request):
     return request.META.get("REMOTE_ADDR") or ""
 
 
+def count_wrong_token(request):
+    """
+    Count a wrong API token against the client's address. Returns the seconds the address must still wait (0: not
+    refused yet). Once it is refused, more wrong tokens are not counted: the window ends when the answer says.
+    """
+    address = client_address(request)
+    wait = TOKEN_BY_ADDRESS.retry_after(address)
+    if not wait:
+        TOKEN_BY_ADDRESS.fail(address)
+    return wait
+
+
 def wait_message(seconds):
     minutes = math.ceil(seconds / 60)
     return f"Too many failed attempts. Wait {minutes} minute{'s' if minutes != 1 else ''} and try again."

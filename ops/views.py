@@ -17,7 +17,7 @@ from django.views.decorators.http import require_GET
 from django_htmx.http import reselect, reswap, retarget
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address
+from comfyhub.ratelimit import count_wrong_token
 from ops.dashboard import dashboard
 from ops.metrics import exposition
 
@@ -52,9 +52,7 @@ def may_read_metrics(request):
         # counted any more until the window passes.
         if hmac.compare_digest(given.strip().encode(), token.encode()):
             return True
-        address = client_address(request)
-        if not TOKEN_BY_ADDRESS.retry_after(address):
-            TOKEN_BY_ADDRESS.fail(address)
+        count_wrong_token(request)
         return False
     return request.user.is_authenticated and request.user.is_staff
 

@@ -17,7 +17,7 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import APIKeyCookie, HttpBearer
 
-from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address, wait_message
+from comfyhub.ratelimit import count_wrong_token, wait_message
 from tasks.models import ApiToken
 from tasks.validators import JsonBodyParser
 
@@ -77,12 +77,9 @@ def server_error(request):
 
 def invalid_token(request):
     """401 for an invalid token; 429 with Retry-After once its address has sent too many within the window."""
-    address = client_address(request)
-    wait = TOKEN_BY_ADDRESS.retry_after(address)
+    wait = count_wrong_token(request)
     if wait:
-        # Not counted: the window still ends when the answer says, however often a broken client retries.
         return ApiError(429, "too_many_attempts", wait_message(wait), headers={"Retry-After": str(wait)})
-    TOKEN_BY_ADDRESS.fail(address)
     return ApiError(401, "invalid_token", "The bearer token is missing, unknown or revoked.")
 
 

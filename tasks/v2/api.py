@@ -12,7 +12,7 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
 from ninja.security import HttpBearer
 
-from comfyhub.ratelimit import TOKEN_BY_ADDRESS, client_address, wait_message
+from comfyhub.ratelimit import count_wrong_token, wait_message
 from tasks.models import ApiToken
 from tasks.v2.assets import ErrorBody
 from tasks.v2.assets import router as assets_router
@@ -35,11 +35,9 @@ class TokenAuth(HttpBearer):
         if found is not None:
             request.user, request.api_token = found.user, found  # the token's webhook settings apply to its jobs
             return found.user
-        address = client_address(request)
-        wait = TOKEN_BY_ADDRESS.retry_after(address)
+        wait = count_wrong_token(request)
         if wait:
             raise ApiError(429, "too_many_attempts", wait_message(wait), headers={"Retry-After": str(wait)})
-        TOKEN_BY_ADDRESS.fail(address)
         raise ApiError(401, "unauthorized", "The bearer token is unknown or revoked.")
 
 
