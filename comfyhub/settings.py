@@ -14,54 +14,13 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from comfyhub.env import env_bool, env_float, env_int, env_list
+from comfyhub.object_storage import storages_setting
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 # The embedded hub's own files: its SQLite database, media, static files and the demo simulators' outputs, unless
 # the variables below name other places. One `serve` at a time owns it (tasks/management/commands/serve.py).
 VAR_DIR = Path(os.environ.get("COMFYHUB_VAR_DIR") or BASE_DIR / "var").resolve()
-
-
-def env_bool(name, default):
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ImproperlyConfigured(f"{name} must be true or false, not {value!r}")
-
-
-def env_int(name, default, minimum=0):
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise ImproperlyConfigured(f"{name} must be a whole number, not {value!r}") from None
-    if number < minimum:
-        raise ImproperlyConfigured(f"{name} must be at least {minimum}, not {number}")
-    return number
-
-
-def env_float(name, default, minimum=0.0):
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        raise ImproperlyConfigured(f"{name} must be a number, not {value!r}") from None
-    if not number >= minimum or number == float("inf"):
-        raise ImproperlyConfigured(f"{name} must be a finite number of at least {minimum}, not {value}")
-    return number
-
-
-def env_list(name, default):
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 DEBUG = env_bool("DEBUG", False)
@@ -250,6 +209,9 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = Path(os.environ.get("STATIC_ROOT") or VAR_DIR / "static")
 MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT") or VAR_DIR / "media")
 MEDIA_URL = "/media/"  # never served directly: outputs go through an ownership check
+# Outputs, uploads and assets: MEDIA_ROOT on local disk, or an S3-compatible bucket when COMFYHUB_S3_BUCKET is
+# set (comfyhub/object_storage.py). Every file goes through Django's storage API; nothing reads MEDIA_ROOT itself.
+STORAGES = storages_setting(os.environ)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 
@@ -325,6 +287,12 @@ COMFYHUB = {
     "WEBHOOK_BACKOFF_SECONDS": env_float("COMFYHUB_WEBHOOK_BACKOFF_SECONDS", 5.0, minimum=0.01),
     # Seconds a receiver has to answer one webhook.
     "WEBHOOK_TIMEOUT": env_float("COMFYHUB_WEBHOOK_TIMEOUT", 5.0, minimum=0.1),
+    # Bytes of outputs, uploads and assets one user may keep; at or over it new tasks and uploads are refused
+    # with a message saying so (0: no limit). `manage.py prune_outputs` frees space.
+    "USER_STORAGE_BYTES": env_int("COMFYHUB_USER_STORAGE_BYTES", 0),
+    # With a bucket: seconds a download's presigned URL stays valid; the hub checks the owner, then redirects to
+    # the bucket (at most 60). 0 streams every download through the hub instead.
+    "PRESIGNED_SECONDS": env_int("COMFYHUB_S3_PRESIGNED_SECONDS", 0, maximum=60),
 }
 
 # Variables renamed when their meaning changed: a value set for the old meaning must not pass unseen.
