@@ -18,6 +18,7 @@ import websockets
 from websockets.asyncio.client import connect as ws_connect
 
 from servers.frames import parse_frame
+from tasks.storage import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -320,39 +321,41 @@ class ComfyClient:
         subfolder = reply.get("subfolder") or ""
         return f"{subfolder}/{reply['name']}" if subfolder else reply["name"]
 
-    async def view(self, output: OutputFile, *, max_bytes) -> tuple[bytes, str]:
-        """Download one output file, refusing anything larger than max_bytes or shorter than announced."""
+    async def view(self, output: OutputFile, *, max_bytes) -> tuple[Spool, str]:
+        """
+        Copy one output file into a Spool (counted and hashed on the way, on disk once large), refusing anything
+        larger than max_bytes or shorter than announced. The caller closes the spool.
+        """
         params = {"filename": output.filename, "subfolder": output.subfolder, "type": output.type}
         request = self._build("GET", "/view", params=params)
         try:
             reply = await self.http.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise ComfyUnavailable(f"/view {output.filename} failed: {exc.__class__.__name__}") from exc
+        spool = Spool()
         try:
             if reply.status_code == 404:
                 raise ComfyRejected(f"{output.filename} is not on the server", status=404)
             if reply.status_code >= 400:
                 error = ComfyRejected if reply.status_code < 500 else ComfyUnavailable
-                raise error(
-                    f"/view {output.filename} answered {reply.status_code}", status=reply.status_code
-                )
+                raise error(f"/view {output.filename} answered {reply.status_code}", status=reply.status_code)
             announced = reply.headers.get("content-length")
             if announced is not None and int(announced) > max_bytes:
-                raise ComfyRejected(
-                    f"{output.filename} is {announced} bytes, over the limit of {max_bytes}"
-                )
-            chunks, size = [], 0
+                raise ComfyRejected(f"{output.filename} is {announced} bytes, over the limit of {max_bytes}")
             async for chunk in reply.aiter_bytes():
-                size += len(chunk)
-                if size > max_bytes:
+                if spool.size + len(chunk) > max_bytes:
                     raise ComfyRejected(f"{output.filename} is over the limit of {max_bytes} bytes")
-                chunks.append(chunk)
-            if announced is not None and size != int(announced):
-                raise ComfyUnavailable(f"{output.filename}: got {size} of {announced} bytes")
+                spool.write(chunk)
+            if announced is not None and spool.size != int(announced):
+                raise ComfyUnavailable(f"{output.filename}: got {spool.size} of {announced} bytes")
             content_type = reply.headers.get("content-type", "application/octet-stream").split(";")[0]
-            return b"".join(chunks), content_type
+            return spool, content_type
         except httpx.HTTPError as exc:
+            spool.close()
             raise ComfyUnavailable(f"/view {output.filename} failed: {exc.__class__.__name__}") from exc
+        except BaseException:
+            spool.close()
+            raise
         finally:
             await reply.aclose()
 

@@ -14,6 +14,7 @@ from servers.comfy import ComfyRejected, ComfyUnavailable
 from servers.guard import plain
 from tasks import outputs
 from tasks.models import Task
+from tasks.storage import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -89,22 +90,31 @@ class Completion:
         return True
 
     async def store_outputs(self, task, entry, source):
-        """Copy the outputs into hub storage and mark the task; False when that failed (it is tried again)."""
+        """
+        Copy the outputs into hub storage and mark the task; False when that failed (it is tried again). Each file
+        is streamed off the server into a spool, counted and hashed on the way, then saved and checked in the store.
+        """
         async with self.guard(task, "store_outputs") as outcome:
             limit = settings.COMFYHUB["MAX_OUTPUT_BYTES"]
             files = []
-            for output in entry.files():
-                try:
-                    data, content_type = await self.client.view(output, max_bytes=limit)
-                except ComfyRejected as exc:
-                    await db(task.mark_failed)(
-                        "output_missing", f"could not copy {plain(output.filename)}: {exc.message}"
-                    )
-                    return True
-                files.append((output.node_id, output.filename, content_type, data))
-            for index, (node_id, content_type, data) in enumerate(self.prompts.ws_images.get(task.prompt_id, [])):
-                files.append((node_id, f"websocket_{node_id}_{index + 1:05}.png", content_type, data))
-            await db(outputs.complete)(task, files, source)
+            try:
+                for output in entry.files():
+                    try:
+                        spool, content_type = await self.client.view(output, max_bytes=limit)
+                    except ComfyRejected as exc:
+                        await db(task.mark_failed)(
+                            "output_missing", f"could not copy {plain(output.filename)}: {exc.message}"
+                        )
+                        return True
+                    files.append((output.node_id, output.filename, content_type, spool))
+                images = self.prompts.ws_images.get(task.prompt_id, [])
+                for index, (node_id, content_type, data) in enumerate(images):
+                    files.append((node_id, f"websocket_{node_id}_{index + 1:05}.png", content_type, data))
+                await db(outputs.complete)(task, files, source)
+            finally:
+                for file in files:
+                    if isinstance(file[3], Spool):
+                        file[3].close()
         return not outcome.failed
 
 

@@ -4,19 +4,18 @@ difference by kind, and (with fix) apply the safe repair for it. The command `ch
 action run this same code. Without fix nothing changes.
 """
 
-import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from django.conf import settings
 from django.utils import timezone
 
 from servers.aio import db
 from servers.comfy import ComfyError
+from servers.consistency_files import Finding, check_files, check_outputs
 from servers.models import Lock, Server
-from tasks.models import Task, TaskOutput
+from tasks.models import Task
 
 logger = logging.getLogger(__name__)
 
@@ -26,34 +25,16 @@ KINDS = {
     "orphan": "server prompt from this hub that the hub does not know",
     "finished_not_recorded": "finished on the server but not in the hub",
     "output_missing": "output recorded but its file is missing",
-    "output_corrupt": "output file does not match its size or sha256",
+    "output_wrong_size": "output file of another size than recorded",
+    "output_corrupt": "output file of the recorded size with another sha256",
+    "file_missing": "upload or asset recorded but its file is missing",
+    "file_wrong_size": "upload or asset file of another size than recorded",
+    "file_corrupt": "upload or asset file of the recorded size with another sha256",
+    "storage_error": "file the store did not give back",
     "expired_lock": "expired lock still held",
 }
 # A task sent this recently may be in the middle of its POST: judging it would be a false alarm.
 GRACE = timedelta(seconds=30)
-
-
-@dataclass
-class Finding:
-    kind: str
-    message: str
-    server: str = ""
-    task_id: object = None
-    prompt_id: str = ""
-    action: str = ""  # what --fix did, or why it could not
-
-    def __str__(self):
-        where = " ".join(
-            part
-            for part in (
-                f"server={self.server}" if self.server else "",
-                f"task={self.task_id}" if self.task_id else "",
-                f"prompt_id={self.prompt_id}" if self.prompt_id else "",
-            )
-            if part
-        )
-        line = f"[{self.kind}] {where}: {self.message}" if where else f"[{self.kind}] {self.message}"
-        return f"{line} -> {self.action}" if self.action else line
 
 
 @dataclass
@@ -64,6 +45,7 @@ class Report:
     servers: int = 0
     tasks: int = 0
     outputs: int = 0
+    files: int = 0  # uploads and uploaded assets
     findings: list = field(default_factory=list)
 
     @property
@@ -74,7 +56,7 @@ class Report:
         """One line an operator reads: what was checked, then what was found (or that nothing was)."""
         checked = (
             f"Checked {plural(self.servers, 'server')}, {plural(self.tasks, 'task')}, "
-            f"{plural(self.outputs, 'output')}"
+            f"{plural(self.outputs, 'output')}, {plural(self.files, 'uploaded file')}"
         )
         if not self.findings:
             return f"{checked}: nothing to repair."
@@ -99,6 +81,7 @@ async def check(connect, server_name=None, fix=False):
         report.findings += await check_server(connect(server), fix, report)
     report.findings += await check_outputs(connect, servers if server_name else None, fix, report)
     if server_name is None:
+        report.findings += await db(check_files)(report)
         report.findings += await db(check_locks)(fix)
     return report
 
@@ -175,72 +158,6 @@ async def check_server(conn, fix, report):
     finally:
         await conn.client.close()
     return findings
-
-
-async def check_outputs(connect, servers, fix, report):
-    rows = TaskOutput.objects.select_related("task", "task__server")
-    if servers is not None:
-        rows = rows.filter(task__server__in=servers)
-    outputs = await db(lambda: list(rows))()
-    report.outputs += len(outputs)
-    findings = []
-    for output in outputs:
-        problem = await db(_verify)(output)
-        if problem is None:
-            continue
-        kind, message = problem
-        finding = Finding(
-            kind, f"{output.filename}: {message}", output.task.server.name if output.task.server else "",
-            output.task_id, output.task.prompt_id or "",
-        )
-        if fix:
-            finding.action = await refetch(connect, output)
-        findings.append(finding)
-    return findings
-
-
-def _verify(output):
-    try:
-        with output.file.open("rb") as handle:
-            data = handle.read()
-    except (FileNotFoundError, ValueError):
-        return "output_missing", "no file in hub storage"
-    if len(data) != output.size or hashlib.sha256(data).hexdigest() != output.sha256:
-        return "output_corrupt", f"{len(data)} bytes with another sha256 than the {output.size} recorded"
-    return None
-
-
-async def refetch(connect, output):
-    """Copy an output again from the task's own server, if it still has exactly those bytes."""
-    task = output.task
-    if task.server is None or not task.prompt_id:
-        return "cannot fix: the task has no server to copy from"
-    conn = connect(task.server)
-    try:
-        entry = await conn.client.history(task.prompt_id)
-        match = next((f for f in (entry.files() if entry else []) if f.filename == output.filename), None)
-        if match is None:
-            return f"cannot fix: {task.server.name} no longer has it"
-        data, _ = await conn.client.view(match, max_bytes=settings.COMFYHUB["MAX_OUTPUT_BYTES"])
-    except ComfyError as exc:
-        return f"cannot fix: {exc.message}"
-    finally:
-        await conn.client.close()
-    if hashlib.sha256(data).hexdigest() != output.sha256:
-        return f"cannot fix: {task.server.name} now has different bytes under that name"
-    await db(_rewrite)(output, data)
-    return f"copied again from {task.server.name}"
-
-
-def _rewrite(output, data):
-    from django.core.files.base import ContentFile
-    from django.core.files.storage import default_storage
-
-    if default_storage.exists(output.file.name):
-        default_storage.delete(output.file.name)
-    saved = default_storage.save(output.file.name, ContentFile(data))
-    if saved != output.file.name:
-        TaskOutput.objects.filter(pk=output.pk).update(file=saved)
 
 
 def check_locks(fix):

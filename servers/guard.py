@@ -10,8 +10,9 @@ the recovery command) fails the task with error_kind "internal_error" and a reas
 What is not the task's fault goes through untouched or is only logged:
 - asyncio.CancelledError (a stop, a reconnect);
 - ComfyUnavailable: the server did not answer, the caller retries later as it always has;
-- the database being unreachable or locked (OperationalError, InterfaceError): every task would fail alike, so
-  it is logged (at most every 30 s per step) and never counted against a task.
+- the database being unreachable or locked (OperationalError, InterfaceError), or the file store (disk or bucket)
+  not taking or giving a file (StorageUnavailable): every task would fail alike, so it is logged (at most every
+  30 s per step) and never counted against a task.
 """
 
 import asyncio
@@ -26,10 +27,11 @@ from django.db import InterfaceError, OperationalError, close_old_connections
 from servers.aio import db
 from servers.comfy import ComfyUnavailable
 from tasks.models import ACTIVE_STATUSES, Task, TaskEvent
+from tasks.storage import StorageUnavailable
 
 logger = logging.getLogger(__name__)
 
-ENVIRONMENT_ERRORS = (OperationalError, InterfaceError)
+ENVIRONMENT_ERRORS = (OperationalError, InterfaceError, StorageUnavailable)
 
 # What the hub was trying to do, in the owner's words: "The hub could not <words> ...".
 STEP_WORDS = {
@@ -96,7 +98,10 @@ async def step_failed(task, step, exc, *, server=None, on_give_up=None):
         now = time.monotonic()
         if now - _last_logged.get(key, -1e9) >= 30:
             _last_logged[key] = now
-            logger.error("%s: the %s step of task %s hit a database error", where, step, task_id, exc_info=exc)
+            logger.error(
+                "%s: the %s step of task %s hit a %s", where, step, task_id,
+                "storage error" if isinstance(exc, StorageUnavailable) else "database error", exc_info=exc,
+            )
         await _close_connections()
         return
     logger.error("%s: the %s step of task %s failed", where, step, task_id, exc_info=exc)

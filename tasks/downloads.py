@@ -1,16 +1,17 @@
 """The stored files behind the pages and the API: outputs (full size and thumbnail) and uploads, each after an
-ownership check, never as active content on the hub's origin."""
+ownership check, never as active content on the hub's origin (tasks/ranges.py answers them)."""
 
 from django.contrib.admin.views.decorators import staff_member_required
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.core.files.storage import default_storage
-from django.http import FileResponse, Http404
+from django.http import Http404
 from django.shortcuts import get_object_or_404
 from django.views.decorators.http import require_GET
 
 from tasks import outputs
-from tasks.models import DOWNLOAD_TYPE, INLINE_TYPES, TaskOutput, Upload
+from tasks.models import TaskOutput, Upload
+from tasks.ranges import Missing, stored_response
 
 
 def own_outputs(user):
@@ -22,35 +23,17 @@ def _own_output(user, pk):
     return get_object_or_404(own_outputs(user), pk=pk)
 
 
-def _file_response(request, file, content_type, filename):
-    """
-    A stored file, never active content on the hub's origin: inline only as a raster type the hub checked from the
-    bytes (and only if asked, as a download); anything else is an octet-stream attachment. Whatever it is, the
-    browser may not sniff another type from it nor run it with the hub's origin (a sandbox without allow-*).
-    """
-    inline = content_type in INLINE_TYPES and request.GET.get("download") != "1"
-    response = FileResponse(
-        file,
-        content_type=content_type if content_type in INLINE_TYPES else DOWNLOAD_TYPE,
-        as_attachment=not inline,
-        filename=filename,
-    )
-    response["X-Content-Type-Options"] = "nosniff"
-    response["Content-Security-Policy"] = "sandbox"
-    response["Cache-Control"] = "private, max-age=3600"
-    return response
-
-
 def output_response(request, output):
     """
     The stored file of an output the caller may see (pages, the admin and the API share it), named as its owner
     saves it (`<workflow>-<seed>-<n>.png`) rather than as the server's counter named it (`ComfyUI_00003_.png`).
     """
     try:
-        file = output.file.open("rb")
-    except FileNotFoundError:
+        return stored_response(
+            request, output.file.name, output.size, output.content_type, output.download_name(), f'"{output.sha256}"'
+        )
+    except Missing:
         raise Http404("The file of this output is missing from storage.") from None
-    return _file_response(request, file, output.content_type, output.download_name())
 
 
 @require_GET
@@ -66,7 +49,10 @@ def output_thumb(request, pk):
     name = outputs.thumbnail(output) if output.file else None
     if name is None:
         raise Http404("This output has no preview.")
-    return _file_response(request, default_storage.open(name, "rb"), "image/jpeg", f"{output.pk}-thumb.jpg")
+    try:
+        return stored_response(request, name, default_storage.size(name), "image/jpeg", f"{output.pk}-thumb.jpg")
+    except (Missing, FileNotFoundError):
+        raise Http404("This output has no preview.") from None
 
 
 @require_GET
@@ -82,4 +68,7 @@ def staff_output_file(request, pk):
 @login_required
 def upload_file(request, pk):
     upload = get_object_or_404(Upload.objects.filter(owner=request.user), pk=pk)
-    return _file_response(request, upload.file.open("rb"), upload.content_type, upload.original_name)
+    try:
+        return stored_response(request, upload.file.name, upload.size, upload.content_type, upload.original_name)
+    except Missing:
+        raise Http404("The file of this upload is missing from storage.") from None

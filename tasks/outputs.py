@@ -1,6 +1,5 @@
 """Outputs copied off a GPU server into hub storage, recorded only together with the task's success."""
 
-import hashlib
 import io
 import logging
 import os
@@ -10,6 +9,7 @@ from django.core.files.storage import default_storage
 from django.db import transaction
 
 from tasks.models import DOWNLOAD_TYPE, TaskOutput, output_path
+from tasks.storage import Spool, delete_quietly, save_verified
 
 logger = logging.getLogger(__name__)
 
@@ -69,34 +69,46 @@ def measure(output):
 
 def complete(task, files, source):
     """
-    Store every (node_id, filename, content_type, bytes) of a finished task, then mark it succeeded. The stored
-    content_type is the one checked from the bytes; the server's is kept as announced_type.
+    Store every (node_id, filename, content_type, data) of a finished task, then mark it succeeded; `data` is a
+    storage.Spool (a copy streamed off the server) or bytes. Each file is saved and checked in the store first: a
+    store that fails raises storage.StorageUnavailable and nothing is recorded, so the task is never succeeded
+    without its files. The stored content_type is the one checked from the bytes; the server's is announced_type.
     Returns True when this call finished the task; False when another signal already had (its copies are removed).
     """
     stored = []
-    for node_id, filename, content_type, data in files:
-        filename = safe_filename(filename)
-        checked, width, height = inspect(data)
-        row = TaskOutput(
-            task=task,
-            node_id=str(node_id),
-            filename=filename,
-            content_type=checked,
-            announced_type=(content_type or "")[:100],
-            size=len(data),
-            width=width,
-            height=height,
-            sha256=hashlib.sha256(data).hexdigest(),
-        )
-        row.file.name = default_storage.save(output_path(row, filename), ContentFile(data))
-        stored.append(row)
-    with transaction.atomic():
-        won = task.mark_succeeded(source)
-        if won:
-            TaskOutput.objects.bulk_create(stored)
+    try:
+        for node_id, filename, content_type, data in files:
+            spool = data if isinstance(data, Spool) else Spool.of(data)
+            filename = safe_filename(filename)
+            checked, width, height = inspect(spool.rewound())
+            row = TaskOutput(
+                task=task,
+                node_id=str(node_id),
+                filename=filename,
+                content_type=checked,
+                announced_type=(content_type or "")[:100],
+                size=spool.size,
+                width=width,
+                height=height,
+                sha256=spool.sha256,
+            )
+            try:
+                row.file.name = save_verified(output_path(row, filename), spool)
+            finally:
+                if spool is not data:
+                    spool.close()
+            stored.append(row)
+        with transaction.atomic():
+            won = task.mark_succeeded(source)
+            if won:
+                TaskOutput.objects.bulk_create(stored)
+    except BaseException:
+        for row in stored:
+            delete_quietly(row.file.name)
+        raise
     if not won:
         for row in stored:
-            default_storage.delete(row.file.name)
+            delete_quietly(row.file.name)
         logger.info("task %s was already finished; %s ignored", task.pk, source)
     return won
 

@@ -21,8 +21,9 @@ from ninja import File, Form, Router, Schema, Status
 from ninja.files import UploadedFile
 
 from tasks.models import Asset, blake3_of
+from tasks.ranges import Missing, stored_response
+from tasks.storage import delete_quietly
 from tasks.submission import UPLOAD_FORMATS, describe_size, read_image
-from tasks.v2.ranges import ranged_file_response
 from tasks.validators import BindingError, text_problem
 
 router = Router(tags=["assets"])
@@ -264,13 +265,12 @@ def get_asset_content(request, asset_id: uuid.UUID):
     asset = own_assets(request.user).filter(pk=asset_id).first()
     if asset is None:
         return not_found()
-    try:
-        file = asset.file.open("rb")
-    except FileNotFoundError:
-        return error(404, "not_found", "The file of this asset is missing from storage.")
     name = asset.original_name.rsplit("/", 1)[-1] or f"{asset.pk}{asset.extension}"
     etag = f'"{asset.blake3}"' if asset.blake3 else None
-    return ranged_file_response(request, file, asset.size, asset.content_type, name, etag)
+    try:
+        return stored_response(request, asset.file.name, asset.size, asset.content_type, name, etag)
+    except Missing:
+        return error(404, "not_found", "The file of this asset is missing from storage.")
 
 
 @router.delete("/assets/{uuid:asset_id}", response={204: None, 404: ErrorOut, 409: ErrorOut}, summary="Delete an asset")
@@ -286,5 +286,5 @@ def delete_asset(request, asset_id: uuid.UUID):
     name = asset.file.name
     with transaction.atomic():
         asset.delete()
-        transaction.on_commit(lambda: asset.file.storage.delete(name))
+        transaction.on_commit(lambda: delete_quietly(name))
     return Status(204, None)

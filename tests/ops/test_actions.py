@@ -95,7 +95,7 @@ def test_staff_check_the_pools_consistency_and_nothing_changes(operator, alice, 
     client = browser(operator)
     client.post("/ops/check-consistency/")
     assert messages_of(client.get("/ops/").content.decode()) == [
-        "Checked 1 server, 0 tasks, 0 outputs: nothing to repair."
+        "Checked 1 server, 0 tasks, 0 outputs, 0 uploaded files: nothing to repair."
     ]
     long_ago = timezone.now() - timedelta(hours=1)
     lost = Task.objects.create(
@@ -104,7 +104,7 @@ def test_staff_check_the_pools_consistency_and_nothing_changes(operator, alice, 
     )
     client.post("/ops/check-consistency/")
     summary, finding = messages_of(client.get("/ops/").content.decode())
-    assert summary.startswith("Checked 1 server, 1 task, 0 outputs: found 1: 1 hub task the server does not know.")
+    assert summary.startswith("Checked 1 server, 1 task, 0 outputs, 0 uploaded files: found 1: 1 hub task the server does not know.")
     assert "Repair with manage.py check_consistency --fix" in summary
     assert finding.startswith(f"[unknown_to_server] server=gpu-a task={lost.pk}")
     assert Task.objects.get(pk=lost.pk).status == TaskStatus.SUBMITTED  # a report, not a repair

@@ -1,4 +1,3 @@
-import hashlib
 import io
 import os
 import random
@@ -15,11 +14,13 @@ import httpx
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
+from django.test import override_settings
 from PIL import Image
 
 from comfyhub.harness import database_url, free_port, healthy, start_manage, stop, wait_until
 from comfysim import SimulatorThread
 from tasks.models import Task, TaskEvent, TaskStatus
+from tasks.storage import StorageUnavailable, digest
 
 ROOT = Path(settings.BASE_DIR)
 WORKFLOWS = ["fast", "invert", "blur-sharpen", "txt2img", "upload-scale"]
@@ -268,12 +269,14 @@ class Command(BaseCommand):
             if not task.outputs.all():
                 bad_outputs += 1
             for output in task.outputs.all():
-                try:
-                    data = (self.scratch / "media" / output.file.name).read_bytes()  # the workers' MEDIA_ROOT
-                except OSError:
-                    bad_outputs += 1
-                    continue
-                if len(data) != output.size or hashlib.sha256(data).hexdigest() != output.sha256:
+                # Through the storage the workers wrote to: their MEDIA_ROOT, or the bucket when one is set.
+                with override_settings(MEDIA_ROOT=str(self.scratch / "media")):
+                    try:
+                        found = digest(output.file.name)
+                    except (OSError, StorageUnavailable):
+                        bad_outputs += 1
+                        continue
+                if found != (output.size, output.sha256):
                     bad_outputs += 1
         if bad_outputs:
             problems.append(f"{bad_outputs} outputs of succeeded tasks missing or not matching their sha256")
