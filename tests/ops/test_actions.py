@@ -104,7 +104,9 @@ def test_staff_check_the_pools_consistency_and_nothing_changes(operator, alice, 
     )
     client.post("/ops/check-consistency/")
     summary, finding = messages_of(client.get("/ops/").content.decode())
-    assert summary.startswith("Checked 1 server, 1 task, 0 outputs, 0 uploaded files: found 1: 1 hub task the server does not know.")
+    assert summary.startswith(
+        "Checked 1 server, 1 task, 0 outputs, 0 uploaded files: found 1: 1 hub task the server does not know."
+    )
     assert "Repair with manage.py check_consistency --fix" in summary
     assert finding.startswith(f"[unknown_to_server] server=gpu-a task={lost.pk}")
     assert Task.objects.get(pk=lost.pk).status == TaskStatus.SUBMITTED  # a report, not a repair

@@ -64,14 +64,18 @@ def bound_task(owner, server, status=TaskStatus.SUBMITTED, prompt_id=None, **fie
 
 
 def test_a_consistent_hub_says_what_it_checked_and_exits_0(alice, server, simulator):
-    assert command("check_consistency") == (0, "Checked 1 server, 0 tasks, 0 outputs, 0 uploaded files: nothing to repair.\n")
+    assert command("check_consistency") == (
+        0, "Checked 1 server, 0 tasks, 0 outputs, 0 uploaded files: nothing to repair.\n"
+    )
     prompt_id = str(uuid.uuid4())
     post_prompt(simulator, server, prompt_id)
     in_history(simulator, prompt_id)
     bound_task(alice, server, status=TaskStatus.RUNNING, prompt_id=prompt_id, started_at=LONG_AGO)
     assert command("check_consistency", "--fix")[0] == 1  # completes it from the history, with its output
     stuck_running(alice, server, simulator)  # running on the server as the hub believes
-    assert command("check_consistency") == (0, "Checked 1 server, 1 task, 1 output, 0 uploaded files: nothing to repair.\n")
+    assert command("check_consistency") == (
+        0, "Checked 1 server, 1 task, 1 output, 0 uploaded files: nothing to repair.\n"
+    )
 
 
 def test_an_unknown_server_name_is_a_clear_error(db):
@@ -84,7 +88,10 @@ def test_a_task_the_server_does_not_know_is_reported_then_requeued(alice, server
     code, out = command("check_consistency")
     assert code == 1
     assert f"[unknown_to_server] server=gpu-a task={task.pk}" in out
-    assert "Checked 1 server, 1 task, 0 outputs, 0 uploaded files: found 1: 1 hub task the server does not know. Nothing changed." in out
+    assert (
+        "Checked 1 server, 1 task, 0 outputs, 0 uploaded files: found 1: 1 hub task the server does not know. "
+        "Nothing changed." in out
+    )
     assert Task.objects.get(pk=task.pk).status == TaskStatus.SUBMITTED
     code, out = command("check_consistency", "--fix")
     assert code == 1 and "requeued" in out and "Repaired 1." in out

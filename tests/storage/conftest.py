@@ -1,0 +1,28 @@
+import pytest
+
+from comfyhub.object_storage import storages_setting
+from comfyhub.seaweed import SeaweedServer
+
+
+@pytest.fixture(scope="session")
+def seaweed():
+    """One real SeaweedFS S3 server for the session (about 3 s to start)."""
+    with SeaweedServer() as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(seaweed, settings, tmp_path):
+    """The hub's files in that server's bucket for this test; MEDIA_ROOT points at a folder that must stay empty."""
+    settings.STORAGES = storages_setting(seaweed.env)
+    return seaweed
+
+
+def objects(seaweed, prefix=""):
+    """{key: bytes} of the bucket's objects under `prefix`."""
+    client = seaweed.client()
+    found = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=seaweed.bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            found[item["Key"]] = client.get_object(Bucket=seaweed.bucket, Key=item["Key"])["Body"].read()
+    return found
