@@ -19,6 +19,7 @@ from ninja.security import APIKeyCookie, HttpBearer
 
 from comfyhub.ratelimit import count_wrong_token, wait_message
 from tasks.models import ApiToken
+from tasks.storage import StorageUnavailable
 from tasks.validators import JsonBodyParser
 
 logger = logging.getLogger(__name__)
@@ -173,6 +174,14 @@ def http_error(request, exc):
     if isinstance(exc.__cause__, ApiError):  # ninja wraps what the body parser raised
         return exc.__cause__.response
     return error(exc.status_code, "error", exc.message)
+
+
+@api.exception_handler(StorageUnavailable)
+def storage_unavailable(request, exc):
+    logger.warning("API %s %s: %s", request.method, request.path, exc)
+    response = error(503, "storage_unavailable", "Hub storage did not answer; nothing was changed. Try again shortly.")
+    response["Retry-After"] = "5"
+    return response
 
 
 @api.exception_handler(Exception)

@@ -10,9 +10,12 @@ from django.db import transaction
 
 from tasks.models import Upload
 from tasks.params import SEED_MAX, BindingError, color_hex, is_multiline, label_of
+from tasks.storage import StorageUnavailable
 from tasks.submission import QuotaExceeded, create_task, read_image, store_upload
 
 BATCH_MAX = 8
+
+STORAGE_DOWN = "Hub storage did not answer, so nothing was saved; try again in a moment."
 
 
 def random_field_name(name):
@@ -185,6 +188,9 @@ class WorkflowForm(forms.Form):
             except BindingError as exc:
                 self.add_error(name, next(iter(exc.details.values()), exc.message))
                 continue
+            except StorageUnavailable:
+                self.add_error(name, STORAGE_DOWN)
+                continue
             self.kept[name] = stored
             self.data[kept_field_name(name)] = str(stored.pk)
 
@@ -245,6 +251,10 @@ class WorkflowForm(forms.Form):
                 ]
         except QuotaExceeded as exc:
             self.add_error(None, str(exc))
+            self._discard(stored)
+            return []
+        except StorageUnavailable:
+            self.add_error(None, STORAGE_DOWN)
             self._discard(stored)
             return []
         except BindingError as exc:

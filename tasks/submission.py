@@ -8,7 +8,6 @@ import secrets
 import uuid
 
 from django.conf import settings
-from django.core.files.base import ContentFile
 from django.db import IntegrityError, transaction
 from PIL import Image, UnidentifiedImageError
 
@@ -25,8 +24,10 @@ from tasks.models import (
     record_webhook,
     webhook_url_problem,
 )
+from tasks.models.files import upload_path
 from tasks.params import bind
 from tasks.progress import emit_task_update
+from tasks.storage import Spool, delete_quietly, save_verified
 from tasks.validators import BindingError, check_tree, text_problem
 
 UPLOAD_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -298,6 +299,10 @@ def store_upload(user, upload):
         width=width,
         height=height,
     )
-    row.file.save(row.remote_name, ContentFile(data), save=False)
-    row.save()
+    row.file.name = save_verified(upload_path(row, row.remote_name), Spool.of(data))
+    try:
+        row.save()
+    except BaseException:
+        delete_quietly(row.file.name)
+        raise
     return row

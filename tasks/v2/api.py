@@ -14,6 +14,7 @@ from ninja.security import HttpBearer
 
 from comfyhub.ratelimit import count_wrong_token, wait_message
 from tasks.models import ApiToken
+from tasks.storage import StorageUnavailable
 from tasks.v2.assets import ErrorBody
 from tasks.v2.assets import router as assets_router
 from tasks.v2.errors import ApiError, envelope
@@ -135,6 +136,15 @@ def http_error(request, exc):
     if isinstance(exc.__cause__, ApiError):  # ninja wraps what the body parser raised
         return exc.__cause__.response()
     return envelope(exc.status_code, "error", exc.message)
+
+
+@api.exception_handler(StorageUnavailable)
+def storage_unavailable(request, exc):
+    logger.warning("API v2 %s %s: %s", request.method, request.path, exc)
+    message = "Hub storage did not answer; nothing was changed. Try again shortly."
+    response = envelope(503, "service_unavailable", message)
+    response["Retry-After"] = "5"
+    return response
 
 
 @api.exception_handler(Exception)

@@ -21,8 +21,9 @@ from ninja import File, Form, Router, Schema, Status
 from ninja.files import UploadedFile
 
 from tasks.models import Asset, blake3_of
+from tasks.models.assets import asset_path
 from tasks.ranges import Missing, stored_response
-from tasks.storage import delete_quietly
+from tasks.storage import Spool, delete_quietly, save_verified
 from tasks.submission import UPLOAD_FORMATS, describe_size, read_image
 from tasks.validators import BindingError, text_problem
 
@@ -158,14 +159,17 @@ def mint(user, data, content_type, file_path, digest=None):
         content_type=content_type,
         original_name=(file_path or "")[:255],
     )
-    asset.file.save(f"{asset.id}{asset.extension}", ContentFile(data), save=False)
+    asset.file.name = save_verified(asset_path(asset, asset.extension), Spool.of(data))
     try:
         with transaction.atomic():
             asset.save()
     except IntegrityError:
         # The same bytes arrived twice at once: the other request stored them.
-        asset.file.delete(save=False)
+        delete_quietly(asset.file.name)
         return Asset.objects.owned_by(user).uploaded().get(blake3=digest), False
+    except BaseException:
+        delete_quietly(asset.file.name)
+        raise
     return asset, True
 
 

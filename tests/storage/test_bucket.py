@@ -17,9 +17,10 @@ from comfyhub.object_storage import storages_setting
 from servers.models import Server
 from tasks import outputs
 from tasks import storage as store
-from tasks.models import Task, TaskStatus
+from tasks.models import Asset, Task, TaskStatus, Upload
 from tasks.storage import StorageUnavailable
 from tests.storage.conftest import objects
+from tests.tasks.test_api import upload
 
 pytestmark = pytest.mark.django_db
 
@@ -148,3 +149,22 @@ def test_a_failed_write_is_tried_again(bucket, alice, workflows, monkeypatch):
     assert len(calls) == 2
     assert list(objects(bucket, f"outputs/{task.pk}/").values()) == [data]
     assert Task.objects.get(pk=task.pk).status == TaskStatus.SUCCEEDED
+
+
+def test_uploads_go_to_the_bucket_and_a_bucket_that_does_not_answer_is_a_503_that_changes_nothing(
+    bucket, settings, alice, alice_api, monkeypatch
+):
+    monkeypatch.setattr(store, "SAVE_BACKOFF", 0.01)
+    data = png((20, 20))
+    reply = upload(alice_api, data)
+    assert reply.status_code == 201
+    row = Upload.objects.get(pk=reply.json()["id"])
+    assert objects(bucket, f"uploads/{alice.pk}/") == {row.file.name: data}
+
+    settings.STORAGES = storages_setting({**bucket.env, "COMFYHUB_S3_ENDPOINT_URL": "http://127.0.0.1:9"})
+    refused = upload(alice_api, png((21, 21)))
+    assert refused.status_code == 503 and refused["Retry-After"] == "5"
+    assert refused.json()["error"]["code"] == "storage_unavailable"
+    v2 = alice_api.client.post("/api/v2/assets", {"file": io.BytesIO(png((22, 22)))})
+    assert v2.status_code == 503 and v2.json()["error"]["code"] == "service_unavailable"
+    assert Upload.objects.count() == 1 and not Asset.objects.exists()
