@@ -34,9 +34,9 @@ RECONCILIATION_KINDS = (
     "reply_lost",
 )
 RECOVERY_PREFIX = "recover"
-# A failed webhook delivery counts as recent while its last attempt is younger than this: what an alert reads, as
-# the failed rows themselves stay until an operator sends them again.
-RECENT_WEBHOOK_FAILURES = timedelta(hours=1)
+# A webhook delivery counts as recent while its last attempt is younger than this: what an alert reads, as the
+# failed rows themselves stay until an operator sends them again.
+RECENT_WEBHOOKS = timedelta(hours=1)
 
 
 class PoolCollector:
@@ -138,11 +138,11 @@ class PoolCollector:
 
     def webhooks(self, now):
         due = Q(status=DeliveryStatus.PENDING, next_attempt_at__lte=now)
+        recent = Q(last_attempt_at__gte=now - RECENT_WEBHOOKS)
         figures = WebhookDelivery.objects.order_by().aggregate(
             **{status: Count("pk", filter=Q(status=status)) for status in DeliveryStatus.values},
-            failed_recent=Count(
-                "pk", filter=Q(status=DeliveryStatus.FAILED, last_attempt_at__gte=now - RECENT_WEBHOOK_FAILURES)
-            ),
+            failed_recent=Count("pk", filter=recent & Q(status=DeliveryStatus.FAILED)),
+            delivered_recent=Count("pk", filter=recent & Q(status=DeliveryStatus.DELIVERED)),
             oldest_due=Min("next_attempt_at", filter=due),
         )
         family = GaugeMetricFamily("comfyhub_webhook_deliveries", "Webhook deliveries by status.", labels=["status"])
@@ -153,6 +153,11 @@ class PoolCollector:
             "comfyhub_webhook_deliveries_failed_recent",
             "Webhook deliveries given up on (failed) whose last attempt was in the last hour.",
             value=figures["failed_recent"],
+        )
+        yield GaugeMetricFamily(
+            "comfyhub_webhook_deliveries_delivered_recent",
+            "Webhook deliveries delivered by an attempt in the last hour (with the failed ones: a failure ratio).",
+            value=figures["delivered_recent"],
         )
         oldest = figures["oldest_due"]
         yield GaugeMetricFamily(

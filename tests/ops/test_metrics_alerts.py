@@ -76,10 +76,11 @@ def test_without_any_worker_it_says_zero(token):
     assert 'comfyhub_server_leased{server="gpu-a"} 0' in lines
 
 
-def test_it_counts_webhook_deliveries_by_status_and_recent_failures(token, alice, workflows):
+def test_it_counts_webhook_deliveries_by_status_and_the_last_hours_outcomes(token, alice, workflows):
     task = make_task(alice, workflows["fast"])
     delivery(task, DeliveryStatus.DELIVERED, last_attempt=30)
     delivery(task, DeliveryStatus.DELIVERED, last_attempt=30)
+    delivery(task, DeliveryStatus.DELIVERED, last_attempt=3 * 3600)
     delivery(task, DeliveryStatus.FAILED, last_attempt=120)
     delivery(task, DeliveryStatus.FAILED, last_attempt=59 * 60)
     delivery(task, DeliveryStatus.FAILED, last_attempt=2 * 3600)  # given up on long ago: not recent
@@ -87,9 +88,10 @@ def test_it_counts_webhook_deliveries_by_status_and_recent_failures(token, alice
     lines = samples(scrape(token).content.decode())
     for line in [
         'comfyhub_webhook_deliveries{status="pending"} 1',
-        'comfyhub_webhook_deliveries{status="delivered"} 2',
+        'comfyhub_webhook_deliveries{status="delivered"} 3',
         'comfyhub_webhook_deliveries{status="failed"} 3',
         "comfyhub_webhook_deliveries_failed_recent 2",
+        "comfyhub_webhook_deliveries_delivered_recent 2",
         "comfyhub_webhook_oldest_due_seconds 0",  # nothing is due yet
     ]:
         assert line in lines, line
@@ -110,6 +112,7 @@ def test_no_delivery_at_all_is_zeros(token):
         'comfyhub_webhook_deliveries{status="pending"} 0',
         'comfyhub_webhook_deliveries{status="failed"} 0',
         "comfyhub_webhook_deliveries_failed_recent 0",
+        "comfyhub_webhook_deliveries_delivered_recent 0",
         "comfyhub_webhook_oldest_due_seconds 0",
     ]:
         assert line in lines, line
