@@ -15,8 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from comfyhub import collector, looplag  # noqa: F401  (collector: its pause histogram is on looplag's registry)
 from ops.dashboard import ERROR_STATES
-from servers.models import Server, ServerEvent, ServerState
-from tasks.models import ACTIVE_STATUSES, Task, TaskEvent, TaskStatus
+from servers.models import Lock, LockPurpose, Server, ServerEvent, ServerState, upstream_key
+from tasks.models import ACTIVE_STATUSES, DeliveryStatus, Task, TaskEvent, TaskStatus, WebhookDelivery
 
 HISTOGRAM_WINDOW = timedelta(hours=24)
 # Seconds. Queue waits run from "next in line" to "behind a long batch"; run times from a cached 1 s graph to
@@ -34,6 +34,9 @@ RECONCILIATION_KINDS = (
     "reply_lost",
 )
 RECOVERY_PREFIX = "recover"
+# A webhook delivery counts as recent while its last attempt is younger than this: what an alert reads, as the
+# failed rows themselves stay until an operator sends them again.
+RECENT_WEBHOOKS = timedelta(hours=1)
 
 
 class PoolCollector:
@@ -76,6 +79,8 @@ class PoolCollector:
                 each_state.add_metric([server.name, state], int(server.state == state))
         yield each_state
         yield from self.server_load(servers)
+        yield from self.leases(servers, now)
+        yield from self.webhooks(now)
         yield from self.histograms(now)
         yield from self.event_counters(servers)
 
@@ -105,6 +110,61 @@ class PoolCollector:
         for server in servers:
             foreign.add_metric([server.name], server.foreign_queue)
         yield foreign
+
+    def leases(self, servers, now):
+        """Workers alive and which enabled servers one of them follows, from the unexpired Lock rows (one query)."""
+        workers, leased = 0, set()
+        for purpose, key in Lock.objects.filter(
+            purpose__in=(LockPurpose.WORKER, LockPurpose.UPSTREAM), expires_at__gt=now
+        ).values_list("purpose", "key"):
+            if purpose == LockPurpose.WORKER:
+                workers += 1
+            else:
+                leased.add(key)
+        yield GaugeMetricFamily(
+            "comfyhub_workers",
+            "Upstream supervisors alive (run_upstream workers, or serve's embedded one): unexpired presence rows.",
+            value=workers,
+        )
+        family = GaugeMetricFamily(
+            "comfyhub_server_leased",
+            "1 when a worker holds an unexpired lease on an enabled server (it follows that server), else 0.",
+            labels=["server"],
+        )
+        for server in servers:
+            if server.enabled:
+                family.add_metric([server.name], int(upstream_key(server.pk) in leased))
+        yield family
+
+    def webhooks(self, now):
+        due = Q(status=DeliveryStatus.PENDING, next_attempt_at__lte=now)
+        recent = Q(last_attempt_at__gte=now - RECENT_WEBHOOKS)
+        figures = WebhookDelivery.objects.order_by().aggregate(
+            **{status: Count("pk", filter=Q(status=status)) for status in DeliveryStatus.values},
+            failed_recent=Count("pk", filter=recent & Q(status=DeliveryStatus.FAILED)),
+            delivered_recent=Count("pk", filter=recent & Q(status=DeliveryStatus.DELIVERED)),
+            oldest_due=Min("next_attempt_at", filter=due),
+        )
+        family = GaugeMetricFamily("comfyhub_webhook_deliveries", "Webhook deliveries by status.", labels=["status"])
+        for status in DeliveryStatus.values:
+            family.add_metric([status], figures[status])
+        yield family
+        yield GaugeMetricFamily(
+            "comfyhub_webhook_deliveries_failed_recent",
+            "Webhook deliveries given up on (failed) whose last attempt was in the last hour.",
+            value=figures["failed_recent"],
+        )
+        yield GaugeMetricFamily(
+            "comfyhub_webhook_deliveries_delivered_recent",
+            "Webhook deliveries delivered by an attempt in the last hour (with the failed ones: a failure ratio).",
+            value=figures["delivered_recent"],
+        )
+        oldest = figures["oldest_due"]
+        yield GaugeMetricFamily(
+            "comfyhub_webhook_oldest_due_seconds",
+            "How long the pending delivery due the longest has waited for a worker to send it (0: none is due).",
+            value=max((now - oldest).total_seconds(), 0.0) if oldest else 0,
+        )
 
     def histograms(self, now):
         since = now - HISTOGRAM_WINDOW
