@@ -102,7 +102,7 @@ class SeaweedServer:
             weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={master}", f"-volume.port={volume}", "-filer", f"-filer.port={filer}",
             "-s3", f"-s3.port={self.port}", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
-            "-master.volumeSizeLimitMB=64", "-volume.max=16", "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=128", "-volume.max=100", "-master.telemetry=false",
         ]
         self.log = open(self.dir / "weed.log", "ab")  # noqa: SIM115  (closed in stop())
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)  # noqa: S603
