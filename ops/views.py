@@ -4,6 +4,7 @@ import asyncio
 import hmac
 import logging
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
@@ -20,10 +21,16 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from comfyhub.ratelimit import count_wrong_token
 from ops.dashboard import dashboard
 from ops.metrics import exposition
+from tasks import storage
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT = 2.0  # seconds each readiness check may take; a load balancer's probe usually allows a few
+# The storage probe's own thread. Not the thread of sync views (sync_to_async's default): a bucket that hangs
+# would stall every page of this process behind it. Not the event loop's shared pool either: one hung probe per
+# load balancer tick would soon fill it (asyncio resolves host names there). One thread: while a probe hangs,
+# the next ones wait behind it and answer "timeout" without starting another.
+_storage_probes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="readyz-storage")
 
 
 @require_GET
@@ -78,23 +85,29 @@ def healthz(request):
 @login_not_required
 @never_cache
 async def readyz(request):
-    """Whether this process can serve: its database answers and its channel layer carries a message."""
-    database, layer = await asyncio.gather(
-        check("database", sync_to_async(ping_database)()), check("channel layer", ping_channel_layer())
-    )
-    body = {"database": database, "channel_layer": layer}
-    return JsonResponse(body, status=200 if database == layer == "ok" else 503)
+    """
+    Whether this process can serve: its database answers, its channel layer carries a message and its file store
+    (MEDIA_ROOT or the bucket) answers. 503 names each part that failed, "error" or "timeout"; the log says why.
+    """
+    checks = {
+        "database": sync_to_async(ping_database)(),
+        "channel_layer": ping_channel_layer(),
+        "storage": sync_to_async(storage.ping, thread_sensitive=False, executor=_storage_probes)(),
+    }
+    results = await asyncio.gather(*(check(name, probe) for name, probe in checks.items()))
+    body = dict(zip(checks, results, strict=True))
+    return JsonResponse(body, status=200 if all(result == "ok" for result in results) else 503)
 
 
 async def check(name, probe):
     try:
         await asyncio.wait_for(probe, timeout=READY_TIMEOUT)
     except TimeoutError:
-        logger.warning("readiness: the %s did not answer within %.1f s", name, READY_TIMEOUT)
+        logger.warning("readiness: %s did not answer within %.1f s", name, READY_TIMEOUT)
         return "timeout"
-    except Exception:
+    except Exception as exc:
         # The reason goes to the log, not to an anonymous caller.
-        logger.warning("readiness: the %s check failed", name, exc_info=True)
+        logger.warning("readiness: %s failed: %s: %s", name, type(exc).__name__, exc, exc_info=True)
         return "error"
     return "ok"
 
