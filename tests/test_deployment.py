@@ -32,6 +32,7 @@ import redis
 from websockets.sync.client import connect
 
 from comfyhub.harness import free_port
+from comfyhub.object_storage import S3_VARIABLES
 from comfysim import SimulatorThread
 
 logger = logging.getLogger(__name__)
@@ -410,7 +411,8 @@ def settings_variables():
                 names.add(node.args[0].value)
         elif isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ":
             names.add(ast.literal_eval(node.slice))
-    return names
+    # STORAGES comes from comfyhub/object_storage.py, which reads the bucket's variables.
+    return names | {"COMFYHUB_S3_BUCKET", *S3_VARIABLES}
 
 
 def test_env_example_lists_every_variable_the_settings_read():
