@@ -1,8 +1,12 @@
 """
 The production layout of deploy/ started on this machine: two Daphne processes and two `manage.py run_upstream`
-workers (the commands of deploy/Procfile) on a PostgreSQL database and a Redis channel layer, with two simulated
-ComfyUI servers. nginx is left out: the test talks to each Daphne process directly, which is what nginx balances
-between (deploy/README.md).
+workers (the commands of deploy/Procfile) on a PostgreSQL database, a Redis channel layer and an S3 bucket
+(SeaweedFS), with two simulated ComfyUI servers. nginx is left out: the test talks to each Daphne process directly,
+which is what nginx balances between (deploy/README.md).
+
+It is the many-hosts layout of deploy/README.md: each process (and the admin's `manage.py` commands) has a disk of
+its own, MEDIA_ROOT and STATIC_ROOT included, so that the database, Redis and the bucket are all they share. A file
+that one of them wrote to its own disk instead of the bucket would be missing for the others, and is looked for.
 
 Two Daphne processes can only share pushes through Redis, so the test brings its own PostgreSQL database and
 Redis key prefix in both CI passes (on the SQLite pass too). It never touches pytest's database: it creates a
@@ -12,6 +16,7 @@ their tails.
 
 import ast
 import hashlib
+import io
 import logging
 import os
 import re
@@ -29,11 +34,14 @@ import httpx
 import psycopg
 import pytest
 import redis
+from PIL import Image
 from websockets.sync.client import connect
 
 from comfyhub.harness import free_port
 from comfyhub.object_storage import S3_VARIABLES
+from comfyhub.seaweed import SeaweedServer
 from comfysim import SimulatorThread
+from tests.storage.conftest import objects
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +53,7 @@ TIME_SCALE = 0.05  # the invert workflow takes a fraction of a second
 # What nginx adds to every request it passes on (deploy/nginx/comfyhub.conf); Daphne runs with --proxy-headers.
 PROXIED = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "192.0.2.10"}
 SUBMISSIONS = [("alice", 1), ("alice", 1), ("bob", 1), ("alice", 2), ("bob", 2), ("bob", 2)]  # (user, Daphne #)
+HOSTS = ("admin", "web-1", "web-2", "upstream-1", "upstream-2")  # one disk each; "admin" runs manage.py commands
 
 
 def postgres_url(database):
@@ -57,6 +66,26 @@ def postgres_url(database):
 def redis_url():
     base = urlsplit(os.environ.get("REDIS_URL") or DEFAULT_REDIS)
     return urlunsplit(base._replace(path=f"/{REDIS_DB}"))
+
+
+def host_disk(tmp_path, host):
+    """The variables that give one host's processes a disk of their own: nothing on it is shared with another."""
+    root = tmp_path / "hosts" / host
+    return {
+        "MEDIA_ROOT": str(root / "media"),
+        "STATIC_ROOT": str(root / "static"),
+        "COMFYHUB_VAR_DIR": str(root / "var"),
+    }
+
+
+def files_under(folder):
+    return sorted(str(path.relative_to(folder)) for path in Path(folder).rglob("*") if path.is_file())
+
+
+def png(color):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), color).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def query(url, sql, params=()):
@@ -162,6 +191,11 @@ class Layout:
 
 def manage(env, *commands):
     """Run short `manage.py` commands at once (each a tuple of arguments); return their outputs, in order."""
+    return manage_on(*((env, args) for args in commands))
+
+
+def manage_on(*runs):
+    """Like manage(), each command with an environment of its own: runs are (env, arguments) pairs."""
     running = [
         subprocess.Popen(
             [sys.executable, "manage.py", *args],
@@ -171,10 +205,10 @@ def manage(env, *commands):
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for args in commands
+        for env, args in runs
     ]
     outputs = []
-    for args, process in zip(commands, running, strict=True):
+    for (_, args), process in zip(runs, running, strict=True):
         output, _ = process.communicate(timeout=60)
         assert process.returncode == 0, f"manage.py {' '.join(args)} failed:\n{output}"
         outputs.append(output)
@@ -242,33 +276,37 @@ def test_the_production_layout_runs_tasks(tmp_path):
         "SECRET_KEY": secrets.token_urlsafe(50),
         "DEBUG": "false",
         "ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "MEDIA_ROOT": str(tmp_path / "media"),
-        "STATIC_ROOT": str(tmp_path / "static"),
         "COMFYHUB_EMBEDDED_SUPERVISOR": "false",
         "COMFYHUB_PRODUCTION": "true",
         "PYTHONUNBUFFERED": "1",  # log lines reach the files at once
     }
+    on = {host: host_disk(tmp_path, host) for host in HOSTS}
     layout = Layout(env, tmp_path)
     with ExitStack() as stack:
         query(postgres_url("postgres"), f'CREATE DATABASE "{database}"')
         stack.callback(query, postgres_url("postgres"), f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         stack.callback(forget_keys, env["REDIS_URL"], prefix)
+        s3 = stack.enter_context(SeaweedServer(tmp_path / "seaweed"))
+        env.update(s3.env)
         sims = [stack.enter_context(SimulatorThread(time_scale=TIME_SCALE, name=f"sim-{i}")) for i in (1, 2)]
         stack.callback(layout.stop_all)
 
-        # The deploy steps of deploy/README.md, then the pool, the workflows and two users.
+        # The deploy steps of deploy/README.md (migrate once, from one host; collectstatic on each web host), then
+        # the pool, the workflows and two users.
         clock = time.monotonic()
-        manage(env, ("migrate", "--no-input", "-v0"))
+        admin = {**env, **on["admin"]}
+        manage(admin, ("migrate", "--no-input", "-v0"))
         logger.info("migrated in %.1fs", time.monotonic() - clock)
-        manage(
-            env,
-            ("collectstatic", "--no-input", "-v0"),
-            ("add_server", "gpu-1", sims[0].url),
-            ("add_server", "gpu-2", sims[1].url),
-            ("load_workflow", "--demo"),
-            ("shell", "-c", USERS_SCRIPT),
+        manage_on(
+            ({**env, **on["web-1"]}, ("collectstatic", "--no-input", "-v0")),
+            ({**env, **on["web-2"]}, ("collectstatic", "--no-input", "-v0")),
+            (admin, ("add_server", "gpu-1", sims[0].url)),
+            (admin, ("add_server", "gpu-2", sims[1].url)),
+            (admin, ("load_workflow", "--demo")),
+            (admin, ("shell", "-c", USERS_SCRIPT)),
         )
-        assert (tmp_path / "static" / "admin" / "css" / "base.css").is_file()
+        for host in ("web-1", "web-2"):
+            assert (Path(on[host]["STATIC_ROOT"]) / "admin" / "css" / "base.css").is_file()
         servers = {
             name: (pk, client_id)
             for pk, name, client_id in query(db_url, "SELECT id, name, client_id FROM servers_server")
@@ -281,10 +319,11 @@ def test_the_production_layout_runs_tasks(tmp_path):
         commands = procfile()
         ports = [free_port(), free_port()]
         for n, port in ((1, str(ports[0])), (2, str(ports[1]))):
-            layout.start(f"web-{n}", [port if arg == "$PORT" else arg for arg in commands["web"]], PORT=port)
-        workers = [layout.start(f"upstream-{n}", commands["upstream"]) for n in (1, 2)]
+            argv = [port if arg == "$PORT" else arg for arg in commands["web"]]
+            layout.start(f"web-{n}", argv, PORT=port, **on[f"web-{n}"])
+        workers = [layout.start(f"upstream-{n}", commands["upstream"], **on[f"upstream-{n}"]) for n in (1, 2)]
         alice_token, bob_token = (
-            out.strip() for out in manage(env, ("create_token", "alice"), ("create_token", "bob"))
+            out.strip() for out in manage(admin, ("create_token", "alice"), ("create_token", "bob"))
         )
         bases = [f"http://127.0.0.1:{port}" for port in ports]
         apis = {
@@ -336,6 +375,17 @@ def test_the_production_layout_runs_tasks(tmp_path):
             assert reply.status_code == 201, reply.text
             owner_of[reply.json()["id"]] = user
         watched = next(iter(owner_of))  # alice's first, through Daphne #1
+        # An image alice uploads through Daphne #1 and uses through Daphne #2: a worker on a third host sends it.
+        image = png((12, 200, 80))
+        upload = apis["alice", 1].post("/api/v1/uploads", files={"image": ("leaf.png", image, "image/png")})
+        assert upload.status_code == 201, upload.text
+        uploaded = upload.json()
+        scale = {"workflow": "upload-scale", "inputs": {"image": uploaded["id"]}}
+        refused = apis["bob", 1].post("/api/v1/tasks", json=scale)  # not bob's to use
+        assert refused.status_code == 400 and "image" in refused.text, refused.text
+        reply = apis["alice", 2].post("/api/v1/tasks", json=scale)
+        assert reply.status_code == 201, reply.text
+        owner_of[reply.json()["id"]] = "alice"
 
         frames = []
         succeeded_row = re.compile(rf'id="task-{watched}" data-status="succeeded"')
@@ -357,6 +407,7 @@ def test_the_production_layout_runs_tasks(tmp_path):
             return all(body["status"] in ("succeeded", "failed", "cancelled") for body in bodies.values()) and bodies
 
         tasks = layout.wait(finished, "every task to finish", timeout=30)
+        assert query(db_url, "SELECT count(*) FROM tasks_task") == [(len(owner_of),)]  # bob's refusal made none
         logger.info("every task finished %.1fs after the start", time.monotonic() - clock)
         for task in tasks.values():
             assert task["status"] == "succeeded", (task, layout.describe())
@@ -388,10 +439,33 @@ def test_the_production_layout_runs_tasks(tmp_path):
                 assert hashlib.sha256(reply.content).hexdigest() == output["sha256"]
                 assert apis[other, n].get(output["url"]).status_code == 404
 
+        # A thumbnail made on demand by Daphne #1 is the one Daphne #2 serves: both read and write the bucket.
+        [output] = tasks[watched]["outputs"]
+        browser = {**PROXIED, "Cookie": f"sessionid={session}"}
+        thumbs = [httpx.get(f"{base}/outputs/{output['id']}/thumb", headers=browser, timeout=10) for base in bases]
+        assert [thumb.status_code for thumb in thumbs] == [200, 200], thumbs[0].text
+        assert thumbs[0].content == thumbs[1].content and thumbs[0].content.startswith(b"\xff\xd8")
+
+        # Every file is in the bucket, the bytes recorded; no host wrote one to its own disk.
+        stored = objects(s3)
+        rows = query(
+            db_url,
+            "SELECT file, size, sha256 FROM tasks_taskoutput UNION ALL SELECT file, size, sha256 FROM tasks_upload",
+        )
+        assert len(rows) == len(tasks) + 1
+        for name, size, sha256 in rows:
+            assert name in stored, (name, sorted(stored))
+            assert (len(stored[name]), hashlib.sha256(stored[name]).hexdigest()) == (size, sha256), name
+        assert hashlib.sha256(image).hexdigest() == uploaded["sha256"]
+        assert f"thumbs/{watched}/{output['id']}.jpg" in stored
+        for host in HOSTS:
+            assert files_under(on[host]["MEDIA_ROOT"]) == [], f"{host} wrote to its own MEDIA_ROOT"
+
         for base in bases:
             assert get(f"{base}/healthz").status_code == 200
             ready = get(f"{base}/readyz")
-            assert ready.status_code == 200 and ready.json() == {"database": "ok", "channel_layer": "ok"}, ready.text
+            assert ready.status_code == 200, ready.text
+            assert ready.json() == {"database": "ok", "channel_layer": "ok", "storage": "ok"}
 
         # SIGINT (deploy/systemd's KillSignal for run_upstream) stops a worker cleanly: it gives its leases back.
         for worker in workers:
