@@ -18,7 +18,10 @@ S3_VARIABLES = {
 
 
 def storages_setting(environ):
-    """The STORAGES setting read from `environ`."""
+    """
+    The STORAGES setting read from `environ`. Path-style addressing and SigV4 (client_config) work on every
+    S3-compatible server; presigned URLs need SigV4 to carry the response headers the hub sets.
+    """
     bucket = environ.get("COMFYHUB_S3_BUCKET", "").strip()
     if not bucket:
         for name in S3_VARIABLES:
@@ -28,10 +31,6 @@ def storages_setting(environ):
         return {"default": {"BACKEND": "django.core.files.storage.FileSystemStorage"}, "staticfiles": STATIC}
     options = {
         "bucket_name": bucket,
-        # Path-style addressing and SigV4 work on every S3-compatible server; presigned URLs need SigV4 to carry
-        # the response headers the hub sets (content type and disposition).
-        "addressing_style": "path",
-        "signature_version": "s3v4",
         "file_overwrite": False,  # a name already taken gets a suffix, as on disk
         "default_acl": None,  # objects stay private: every download goes through the hub's ownership check
         "querystring_auth": True,
@@ -42,7 +41,24 @@ def storages_setting(environ):
         if value:
             options[option] = value.strip("/") if option == "location" else value
     options.setdefault("region_name", "us-east-1")
+    options["client_config"] = client_config()
     return {"default": {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": options}, "staticfiles": STATIC}
+
+
+def client_config():
+    """
+    botocore's settings for the bucket. Its defaults (60 s to connect, 60 s per read, then retries) would let a bucket
+    that hangs hold a worker or a page for minutes; the hub retries a failed save itself (tasks/storage.py).
+    """
+    from botocore.config import Config
+
+    return Config(
+        signature_version="s3v4",
+        s3={"addressing_style": "path"},
+        connect_timeout=5,
+        read_timeout=30,
+        retries={"mode": "standard", "max_attempts": 3},
+    )
 
 
 def uses_bucket(storage):
