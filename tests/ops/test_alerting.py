@@ -26,8 +26,8 @@ import pytest
 import yaml
 
 from comfyhub.harness import free_port
+from tests.deployment_layout import Layout
 from tests.ops.test_prometheus_files import dashboard_exprs
-from tests.test_deployment import Layout
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SHIPPED = ROOT / "deploy" / "prometheus"
