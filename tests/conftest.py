@@ -158,6 +158,15 @@ def fresh_ops_news():
     snapshot.forget()  # and the pool's capabilities are read again (a test may change them with update())
 
 
+@pytest.fixture(scope="session")
+def seaweed():
+    """One real S3 server (SeaweedFS) for the whole session, started by the first test that asks (about 3 s)."""
+    from comfyhub.seaweed import SeaweedServer
+
+    with SeaweedServer() as server:
+        yield server
+
+
 @pytest.fixture(autouse=True)
 def media_root(settings, tmp_path):
     settings.MEDIA_ROOT = tmp_path / "media"

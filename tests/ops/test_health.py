@@ -8,17 +8,10 @@ import pytest
 from botocore.config import Config
 
 from comfyhub.object_storage import storages_setting
-from comfyhub.seaweed import SeaweedServer
 from ops import views
 from tests.ops.conftest import browser
 
 EVERYTHING_UP = {"database": "ok", "channel_layer": "ok", "storage": "ok"}
-
-
-@pytest.fixture(scope="module")
-def seaweed():
-    with SeaweedServer() as s3:
-        yield s3
 
 
 def use_bucket(settings, env, **options):

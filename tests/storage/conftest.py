@@ -1,14 +1,6 @@
 import pytest
 
 from comfyhub.object_storage import storages_setting
-from comfyhub.seaweed import SeaweedServer
-
-
-@pytest.fixture(scope="session")
-def seaweed():
-    """One real SeaweedFS S3 server for the session (about 3 s to start)."""
-    with SeaweedServer() as server:
-        yield server
 
 
 @pytest.fixture
