@@ -1,7 +1,7 @@
 """
-The account page: a user's API tokens (create, list, revoke) beside the link to change the password. Tokens are
-the API's own (tasks.models.ApiToken, the same hash `create_token` stores); the secret is shown once, in the
-answer to the POST that made it, and never again.
+The account page: the storage the user's files take (against their quota, when there is one), their API tokens
+(create, list, revoke) and the link to change the password. Tokens are the API's own (tasks.models.ApiToken, the
+same hash `create_token` stores); the secret is shown once, in the answer to the POST that made it, and never again.
 """
 
 from django import forms
@@ -14,6 +14,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
 from tasks.models import ApiToken, webhook_url_problem
+from tasks.quota import NEAR_SHARE, human_size, storage_usage
 
 LOGGED_OUT = "You have been logged out."
 
@@ -52,7 +53,17 @@ def get_token_for_user(user, pk):
 
 def account_page(request, form=None, new_token=None, status=200):
     tokens = ApiToken.objects.filter(user=request.user).order_by("-created_at", "-pk")
-    context = {"tokens": tokens, "form": form or TokenForm(), "new_token": new_token}
+    usage = storage_usage(request.user)
+    storage = {
+        "usage": usage,
+        "used": human_size(usage.total),
+        "quota": human_size(usage.quota) if usage.quota else None,
+        "high": int(usage.quota * NEAR_SHARE),
+        "parts": [(name, human_size(size)) for name, size in (
+            ("results", usage.outputs), ("uploaded images", usage.uploads), ("API assets", usage.assets)
+        )],
+    }  # fmt: skip
+    context = {"tokens": tokens, "form": form or TokenForm(), "new_token": new_token, "storage": storage}
     return render(request, "tasks/account.html", context, status=status)
 
 

@@ -20,6 +20,7 @@ from tasks.api_schemas import (
 from tasks.downloads import output_response, own_outputs
 from tasks.models import STATUS_FILTERS, TaskStatus, Workflow
 from tasks.params import describe
+from tasks.quota import StorageFull
 from tasks.submission import IdempotencyConflict, QuotaExceeded, create_task, describe_size, store_upload, user_tasks
 from tasks.validators import BindingError, parse_json_body
 from tasks.views import public_details, public_text, server_hosts
@@ -103,6 +104,9 @@ def create(request):
         return error(403, "forbidden", str(exc))
     except QuotaExceeded as exc:
         return error(429, "too_many_tasks", str(exc))
+    except StorageFull as exc:
+        # 403, not 429: waiting frees nothing; only deleting files or a larger quota lets the next one in.
+        return error(403, exc.code, exc.message, exc.details)
     except IdempotencyConflict as exc:
         return error(
             409,
@@ -328,6 +332,8 @@ def uploads_collection(request):
         )
     try:
         row = store_upload(request.user, upload)
+    except StorageFull as exc:
+        return error(403, exc.code, exc.message, exc.details)
     except BindingError as exc:
         return error(400, "invalid", exc.message, exc.details)
     return JsonResponse(upload_json(row), status=201)

@@ -10,6 +10,7 @@ from django.db import transaction
 
 from tasks.models import Upload
 from tasks.params import SEED_MAX, BindingError, color_hex, is_multiline, label_of
+from tasks.quota import StorageFull
 from tasks.storage import StorageUnavailable
 from tasks.submission import QuotaExceeded, create_task, read_image, store_upload
 
@@ -185,6 +186,10 @@ class WorkflowForm(forms.Form):
                 continue
             try:
                 stored = store_upload(self.user, upload)
+            except StorageFull as exc:
+                if str(exc) not in self.non_field_errors():  # the submit may have said so already
+                    self.add_error(None, str(exc))
+                return  # nothing is kept
             except BindingError as exc:
                 self.add_error(name, next(iter(exc.details.values()), exc.message))
                 continue
@@ -249,7 +254,7 @@ class WorkflowForm(forms.Form):
                     create_task(self.user, {"workflow": slug, "inputs": {**inputs, **images}, "priority": priority})[0]
                     for inputs in self.batch()
                 ]
-        except QuotaExceeded as exc:
+        except (QuotaExceeded, StorageFull) as exc:
             self.add_error(None, str(exc))
             self._discard(stored)
             return []

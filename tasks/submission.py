@@ -27,6 +27,7 @@ from tasks.models import (
 from tasks.models.files import upload_path
 from tasks.params import bind
 from tasks.progress import emit_task_update
+from tasks.quota import check_storage
 from tasks.storage import Spool, delete_quietly, save_verified
 from tasks.validators import BindingError, check_tree, text_problem
 
@@ -160,9 +161,9 @@ def webhook_for(url, token, field="webhook_url"):
 def create_task(user, body, fields=None, token=None):
     """
     Validate a submission and create its task; returns (task, created) or raises BindingError, PermissionError,
-    QuotaExceeded or IdempotencyConflict. `fields`: more columns of a new task (the v2 API's labels, and its own
-    digest of the request as `idempotency_body`), written with it in one statement. `token`: the ApiToken the
-    request came with, whose webhook settings apply.
+    QuotaExceeded, StorageFull (tasks/quota.py) or IdempotencyConflict. `fields`: more columns of a new task (the
+    v2 API's labels, and its own digest of the request as `idempotency_body`), written with it in one statement.
+    `token`: the ApiToken the request came with, whose webhook settings apply.
     """
     # Before anything looks text up: a lone surrogate in a slug or key is a database error on PostgreSQL.
     check_tree(body)
@@ -193,6 +194,7 @@ def create_task(user, body, fields=None, token=None):
     if priority > 0 and not user.is_staff:
         raise PermissionError("Only staff may raise a task's priority.")
     webhook_url, webhook_token = webhook_for(body.get("webhook_url"), token)
+    check_storage(user)  # first: a full queue empties by itself, full storage does not
     check_quota(user)
     has_workflow, has_prompt = body.get("workflow") is not None, body.get("prompt") is not None
     if has_workflow == has_prompt:
@@ -284,6 +286,8 @@ def read_image(upload):
 
 
 def store_upload(user, upload):
+    """Store an image the user sent as their Upload; raises StorageFull (before reading it) or BindingError."""
+    check_storage(user)
     problem = text_problem(upload.name or "")
     if problem:
         # Django's multipart parser replaces undecodable bytes; a name made in code may still hold "\ud800".

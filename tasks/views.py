@@ -18,6 +18,7 @@ from tasks import outputs
 from tasks.models import ACTIVE_STATUSES, STATUS_FILTERS, TaskStatus, Upload, Workflow
 from tasks.params import BindingError
 from tasks.queue import pool_state, queue_positions
+from tasks.quota import StorageFull
 from tasks.submission import QuotaExceeded, create_task, user_tasks
 
 PAGE_SIZE = 50
@@ -245,7 +246,7 @@ def task_rerun(request, pk):
         body = {"workflow": task.workflow.slug, "inputs": inputs}
     try:
         new_task, _ = create_task(request.user, body)
-    except (BindingError, PermissionError, QuotaExceeded) as exc:
+    except (BindingError, PermissionError, QuotaExceeded, StorageFull) as exc:
         messages.error(request, f"Could not run it again: {getattr(exc, 'message', exc)}")
         return redirect("task-detail", pk=task.pk)
     return redirect("task-detail", pk=new_task.pk)

@@ -22,6 +22,7 @@ from ninja.files import UploadedFile
 
 from tasks.models import Asset, blake3_of
 from tasks.models.assets import asset_path
+from tasks.quota import StorageFull, check_storage
 from tasks.ranges import Missing, stored_response
 from tasks.storage import Spool, delete_quietly, save_verified
 from tasks.submission import UPLOAD_FORMATS, describe_size, read_image
@@ -67,6 +68,11 @@ class FromHashIn(Schema):
 
 def error(status, code, message, details=None):
     return JsonResponse({"error": {"code": code, "message": message, "details": details or {}}}, status=status)
+
+
+def storage_full(exc):
+    """403 as for a job (tasks/v2/jobs.py): only deleting files or a larger quota lets a new one in."""
+    return error(403, exc.code, exc.message, exc.details)
 
 
 def not_found():
@@ -145,11 +151,15 @@ def output_asset(output):
 
 
 def mint(user, data, content_type, file_path, digest=None):
-    """Return (asset, created): the user's asset of these bytes, stored now unless they already had it."""
+    """
+    Return (asset, created): the user's asset of these bytes, stored now unless they already had it. StorageFull
+    when they did not and their storage quota is used up (the asset they already have costs nothing more).
+    """
     digest = digest or blake3_of(ContentFile(data))
     existing = Asset.objects.owned_by(user).uploaded().filter(blake3=digest).first()
     if existing is not None:
         return existing, False
+    check_storage(user)
     asset = Asset(
         id=uuid.uuid4(),
         owner=user,
@@ -175,7 +185,7 @@ def mint(user, data, content_type, file_path, digest=None):
 
 @router.post(
     "/assets",
-    response={200: AssetOut, 201: AssetOut, 409: ErrorOut, 413: ErrorOut, 415: ErrorOut, 422: ErrorOut},
+    response={200: AssetOut, 201: AssetOut, 403: ErrorOut, 409: ErrorOut, 413: ErrorOut, 415: ErrorOut, 422: ErrorOut},
     summary="Upload an asset (multipart); the same bytes again are the same asset",
 )
 def post_asset(
@@ -209,13 +219,16 @@ def post_asset(
             409, "hash_mismatch", "The file's blake3 is not the expected_hash sent with it; nothing was stored.",
             {"expected_hash": f"blake3:{expected}", "hash": f"blake3:{digest}"},
         )  # fmt: skip
-    asset, created = mint(request.user, data, UPLOAD_FORMATS[fmt], file_path, digest)
+    try:
+        asset, created = mint(request.user, data, UPLOAD_FORMATS[fmt], file_path, digest)
+    except StorageFull as exc:
+        return storage_full(exc)
     return Status(201 if created else 200, asset_json(request, asset, created_new=created))
 
 
 @router.post(
     "/assets/from-hash",
-    response={200: AssetOut, 201: AssetOut, 404: ErrorOut, 422: ErrorOut},
+    response={200: AssetOut, 201: AssetOut, 403: ErrorOut, 404: ErrorOut, 422: ErrorOut},
     summary="The asset of bytes the user already has, by blake3",
 )
 def asset_from_hash(request, body: FromHashIn):
@@ -239,7 +252,10 @@ def asset_from_hash(request, body: FromHashIn):
             source = None
     if source is None:
         return error(404, "blob_not_found", "You have no file with this hash; upload it.")
-    asset, created = mint(request.user, data, source.content_type, body.file_path or source.original_name, digest)
+    try:
+        asset, created = mint(request.user, data, source.content_type, body.file_path or source.original_name, digest)
+    except StorageFull as exc:
+        return storage_full(exc)
     return Status(201 if created else 200, asset_json(request, asset, created_new=created))
 
 

@@ -20,6 +20,7 @@ from tasks.models import TaskStatus
 from tasks.params import BindingError
 from tasks.progress import emit_task_update
 from tasks.queue import queue_positions
+from tasks.quota import StorageFull, check_storage
 from tasks.submission import IdempotencyConflict, QuotaExceeded, create_task, plain_output_names, user_tasks
 from tasks.v2.errors import ApiError
 from tasks.v2.refs import MissingAsset, resolve_asset_refs
@@ -131,8 +132,12 @@ def submit(request, payload: JobRequest, idempotency_key: str | None = Header(No
             replay_or_refuse(existing, digest)
             return answer(existing, request, 201, replayed=True)
     try:
+        # Before the references below, which may store uploads: a refused job leaves no file behind.
+        check_storage(user)
         # Inputs naming one of the user's assets become uploads the engine copies to the job's server first.
         graph, images = resolve_asset_refs(user, graph)
+    except StorageFull as exc:
+        raise storage_full(exc) from None
     except MissingAsset as exc:
         raise ApiError(422, exc.code, exc.message, {f"workflow.{k}": v for k, v in exc.details.items()}) from None
     body = {"prompt": graph}
@@ -159,10 +164,20 @@ def submit(request, payload: JobRequest, idempotency_key: str | None = Header(No
         raise ApiError(
             429, "queue_full", str(exc), headers={"Retry-After": str(QUEUE_FULL_RETRY_SECONDS)}
         ) from None
+    except StorageFull as exc:
+        raise storage_full(exc) from None
     if not created:  # the same key arrived twice at once: the other request created the task
         replay_or_refuse(task, digest)
         return answer(user_tasks(user).get(pk=task.pk), request, 201, replayed=True)
     return answer(user_tasks(user).get(pk=task.pk), request, 201, replayed=False if idempotency_key else None)
+
+
+def storage_full(exc):
+    """
+    The user's storage quota is used up: 403 without Retry-After. Not the contract's 429 `queue_full`, which the
+    SDKs retry at the Retry-After pace: no wait frees storage, only deleting files or a larger quota does.
+    """
+    return ApiError(403, exc.code, exc.message, exc.details)
 
 
 def encode_cursor(task):
