@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from comfyhub import collector, looplag  # noqa: F401  (collector: its pause histogram is on looplag's registry)
 from ops.dashboard import ERROR_STATES
+from ops.metrics_storage import storage_families
 from servers.models import Lock, LockPurpose, Server, ServerEvent, ServerState, upstream_key
 from tasks.models import ACTIVE_STATUSES, DeliveryStatus, Task, TaskEvent, TaskStatus, WebhookDelivery
 
@@ -83,6 +84,7 @@ class PoolCollector:
         yield from self.webhooks(now)
         yield from self.histograms(now)
         yield from self.event_counters(servers)
+        yield from storage_families()
 
     def server_load(self, servers):
         on_server = defaultdict(int)

@@ -20,13 +20,6 @@ PROMETHEUS = Path(__file__).resolve().parent.parent.parent / "deploy" / "prometh
 METRIC = re.compile(r"\b(comfyhub_[a-z0-9_]+|up)\b(?!\s*\()")  # `up` as a metric, never a function
 # Prometheus' own series of each target.
 SCRAPE_SERIES = {"up"}
-# Figures of the storage work (tasks/), on its own branch: the rules and the dashboard read them already. Once
-# /metrics exposes them, the last test below fails until they leave this set.
-NOT_YET_EXPOSED = {
-    "comfyhub_storage_used_bytes",
-    "comfyhub_storage_quota_bytes",
-    "comfyhub_storage_user_max_quota_ratio",
-}
 
 
 def alert_rules():
@@ -69,7 +62,7 @@ def test_every_alert_reads_metrics_the_hub_exposes(exposed):
     for rule in alert_rules():
         named = metrics_in(rule["expr"])
         assert named, f"{rule['alert']} names no metric: {rule['expr']}"
-        unknown = named - exposed - SCRAPE_SERIES - NOT_YET_EXPOSED
+        unknown = named - exposed - SCRAPE_SERIES
         assert not unknown, f"{rule['alert']} reads {sorted(unknown)}, which /metrics does not expose"
 
 
@@ -79,7 +72,7 @@ def test_every_dashboard_panel_queries_metrics_the_hub_exposes(exposed):
     for title, expr in exprs:
         named = metrics_in(expr)
         assert named, f"panel {title!r} names no metric: {expr}"
-        unknown = named - exposed - SCRAPE_SERIES - NOT_YET_EXPOSED
+        unknown = named - exposed - SCRAPE_SERIES
         assert not unknown, f"panel {title!r} queries {sorted(unknown)}, which /metrics does not expose"
 
 
@@ -138,8 +131,3 @@ def test_the_scrape_config_reads_every_web_process_with_the_token_and_loads_the_
     # The Daphne processes themselves (comfyhub-web@N on 127.0.0.1:800N), so that `up` is per process.
     assert targets == ["127.0.0.1:8001", "127.0.0.1:8002"]
 
-
-def test_the_storage_figures_still_await_the_storage_work(exposed):
-    assert not NOT_YET_EXPOSED & exposed, (
-        f"/metrics now exposes {sorted(NOT_YET_EXPOSED & exposed)}: take them out of NOT_YET_EXPOSED"
-    )
