@@ -156,9 +156,14 @@ def task_detail(request, pk):
             for number, output in enumerate(task.outputs.all(), start=1)
         ],
         "parameters": _parameters(task),
+        # manage.py prune_outputs removed its results (all, or all it could): say so rather than "no results".
+        "outputs_removed": next((event for event in events if event.kind == "outputs_removed"), None),
         "has_seed": task.workflow is not None and any(p["type"] == "seed" for p in task.workflow.parameters),
     }
     return render(request, "tasks/task_detail.html", context)
+
+
+REMOVED_UPLOAD = "an uploaded image, since removed"
 
 
 def _parameters(task):
@@ -172,7 +177,8 @@ def _parameters(task):
     if image_ids:
         uploads = {str(u.pk): u for u in Upload.objects.filter(owner=task.owner, pk__in=image_ids)}
     return [
-        (labels.get(name, name), uploads.get(str(value), value)) for name, value in task.inputs.items()
+        (labels.get(name, name), uploads.get(str(value), REMOVED_UPLOAD if name in images else value))
+        for name, value in task.inputs.items()
     ]
 
 

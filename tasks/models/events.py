@@ -34,6 +34,7 @@ SENTENCES = {
     "stale_deleted": "An earlier copy was deleted from {server}",
     "stale_interrupted": "An earlier copy ran on {server} anyway",
     "late_result_ignored": "{server} finished an earlier copy; that result is ignored",
+    "outputs_removed": "Its results were removed from storage (retention)",
 }
 # Kinds whose message is the reason, worth reading after the sentence (failures have theirs shown once, above).
 WITH_REASON = ("unbound", "requeued", "moved")
