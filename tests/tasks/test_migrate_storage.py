@@ -1,22 +1,27 @@
 """
 `manage.py migrate_storage --to s3`, against a real S3 server (SeaweedFS): the files on disk land in the bucket under
 the same names with their recorded sha256, a second run skips what is there, a damaged local file is reported and
-not copied, and the hub switched to the bucket serves what was copied.
+not copied, and the hub switched to the bucket serves what was copied. And retention on a hub that uses the bucket
+removes the objects themselves.
 """
 
 import hashlib
 import io
 import uuid
+from datetime import timedelta
 
 import pytest
 from django.core.management import CommandError, call_command
 from django.test import Client
+from django.utils import timezone
 
 from comfyhub.object_storage import storages_setting
 from comfyhub.seaweed import SeaweedServer
-from tasks.models import Asset, TaskOutput, Upload
+from tasks import outputs
+from tasks.models import Asset, Task, TaskOutput, Upload
 from tasks.v2.assets import output_asset
 from tests.tasks.test_api import upload
+from tests.tasks.test_retention import prune
 from tests.tasks.test_views import finished_task
 from tests.v2.test_assets import V2, png
 
@@ -62,8 +67,6 @@ def in_bucket(s3, prefix):
 @pytest.fixture
 def files(alice, alice_api, workflows):
     """alice's output (with its thumbnail and its v2 asset), an upload and an asset she sent."""
-    from tasks import outputs
-
     task = finished_task(alice, workflows["fast"])
     output = task.outputs.get()
     outputs.thumbnail(output)
@@ -158,3 +161,20 @@ def test_a_bucket_that_does_not_answer_is_refused_before_anything(monkeypatch, f
     code, out = migrate()
     assert code == 2
     assert "The bucket 'comfyhub' does not answer" in out
+
+
+def test_prune_outputs_removes_the_files_from_the_bucket_the_hub_uses(
+    s3, bucket, alice, alice_api, workflows, settings
+):
+    settings.STORAGES = storages_setting({**s3.env, "COMFYHUB_S3_PREFIX": bucket})
+    task = finished_task(alice, workflows["fast"])
+    outputs.thumbnail(task.outputs.get())
+    assert upload(alice_api).status_code == 201
+    assert len(in_bucket(s3, bucket)) == 3  # the output, its thumbnail, the upload
+    long_ago = timezone.now() - timedelta(days=40)
+    Task.objects.filter(pk=task.pk).update(finished_at=long_ago)
+    Upload.objects.update(created_at=long_ago)
+    code, out = prune("--older-than", "30d")
+    assert code == 0, out
+    assert in_bucket(s3, bucket) == {}
+    assert not TaskOutput.objects.exists() and not Upload.objects.exists()
