@@ -192,6 +192,9 @@ def _prune_uploads(cutoff, user, dry_run, storage, report):
     uploads = Upload.objects.filter(created_at__lt=cutoff).select_related("owner").order_by("created_at", "pk")
     if user is not None:
         uploads = uploads.filter(owner=user)
+    # Read once, just before the loop: a task submitted meanwhile that names one of these old uploads (an "edit and
+    # run" of an old task) would find it gone when sent, and fail. The window is this loop; run retention at a
+    # quiet hour.
     in_use = in_use_uploads()
     for upload in in_chunks(uploads):
         label = (
