@@ -16,7 +16,6 @@ from django.test import Client
 from django.utils import timezone
 
 from comfyhub.object_storage import storages_setting
-from comfyhub.seaweed import SeaweedServer
 from tasks import outputs
 from tasks.models import Asset, Task, TaskOutput, Upload
 from tasks.v2.assets import output_asset
@@ -28,14 +27,14 @@ from tests.v2.test_assets import V2, png
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(scope="module")
-def s3():
-    with SeaweedServer() as server:
-        yield server
+@pytest.fixture
+def s3(seaweed):
+    """The session's SeaweedFS server (tests/conftest.py)."""
+    return seaweed
 
 
 @pytest.fixture
-def bucket(s3, monkeypatch):
+def folder(s3, monkeypatch):
     """The hub's COMFYHUB_S3_* variables, with a folder of the bucket of this test's own."""
     prefix = f"t-{uuid.uuid4().hex[:12]}"
     for name, value in {**s3.env, "COMFYHUB_S3_PREFIX": prefix}.items():
@@ -76,16 +75,16 @@ def files(alice, alice_api, workflows):
     return {"output": output, "upload": Upload.objects.get(), "asset": Asset.objects.uploaded().get()}
 
 
-def test_it_copies_every_file_with_its_sha256_and_no_thumbnail(s3, bucket, files, alice, settings):
+def test_it_copies_every_file_with_its_sha256_and_no_thumbnail(s3, folder, files, alice, settings):
     code, out = migrate()
     assert code == 0, out
     expected = {row.file.name: row.sha256 for row in files.values()}
-    assert in_bucket(s3, bucket) == expected  # the same names, the recorded bytes; no thumbs/
+    assert in_bucket(s3, folder) == expected  # the same names, the recorded bytes; no thumbs/
     assert out.strip().splitlines()[-1].startswith("Copied 3 files (")
     assert out.strip().endswith("skipped 0 already in the bucket, 0 failed.")
     assert TaskOutput.objects.get().file.name == files["output"].file.name  # rows need no change
     # Switched to the bucket, the hub serves the copies.
-    settings.STORAGES = storages_setting({**s3.env, "COMFYHUB_S3_PREFIX": bucket})
+    settings.STORAGES = storages_setting({**s3.env, "COMFYHUB_S3_PREFIX": folder})
     client = Client()
     client.force_login(alice)
     reply = client.get(f"/outputs/{files['output'].pk}/")
@@ -94,47 +93,47 @@ def test_it_copies_every_file_with_its_sha256_and_no_thumbnail(s3, bucket, files
     assert client.get(f"/outputs/{files['output'].pk}/thumb").status_code == 200  # made again, in the bucket
 
 
-def test_a_dry_run_writes_nothing(s3, bucket, files):
+def test_a_dry_run_writes_nothing(s3, folder, files):
     code, out = migrate("--dry-run")
     assert code == 0, out
     assert out.count("would copy") == 3
     assert out.strip().endswith("Nothing was written (dry run).")
-    assert in_bucket(s3, bucket) == {}
+    assert in_bucket(s3, folder) == {}
 
 
-def test_a_second_run_skips_what_is_there_and_resumes_the_rest(s3, bucket, files):
+def test_a_second_run_skips_what_is_there_and_resumes_the_rest(s3, folder, files):
     assert migrate()[0] == 0
-    s3.client().delete_object(Bucket=s3.bucket, Key=f"{bucket}/{files['upload'].file.name}")
+    s3.client().delete_object(Bucket=s3.bucket, Key=f"{folder}/{files['upload'].file.name}")
     code, out = migrate()
     assert code == 0, out
     assert out.count("already in the bucket, skipped") == 2
     assert f"{files['upload'].file.name}: copied" in out
     assert out.strip().splitlines()[-1].startswith("Copied 1 file (")
     assert "skipped 2 already in the bucket, 0 failed." in out
-    assert len(in_bucket(s3, bucket)) == 3
+    assert len(in_bucket(s3, folder)) == 3
 
 
-def test_a_damaged_or_missing_local_file_is_reported_not_copied(s3, bucket, files, media_root):
+def test_a_damaged_or_missing_local_file_is_reported_not_copied(s3, folder, files, media_root):
     (media_root / files["upload"].file.name).write_bytes(b"not the bytes that were recorded")
     (media_root / files["asset"].file.name).unlink()
     code, out = migrate()
     assert code == 1, out
     assert f"{files['upload'].file.name}: FAILED, the local file does not match its row" in out
     assert f"{files['asset'].file.name}: FAILED, missing from {media_root}" in out
-    assert in_bucket(s3, bucket) == {files["output"].file.name: files["output"].sha256}
+    assert in_bucket(s3, folder) == {files["output"].file.name: files["output"].sha256}
     summary = out.strip().splitlines()[-1]
     assert summary.startswith("Copied 1 file (") and summary.endswith("skipped 0 already in the bucket, 2 failed.")
 
 
-def test_another_object_under_the_name_gets_the_copy_a_new_name_and_the_row_follows(s3, bucket, files):
+def test_another_object_under_the_name_gets_the_copy_a_new_name_and_the_row_follows(s3, folder, files):
     output = files["output"]
     taken = output.file.name
-    s3.client().put_object(Bucket=s3.bucket, Key=f"{bucket}/{taken}", Body=b"something else")
+    s3.client().put_object(Bucket=s3.bucket, Key=f"{folder}/{taken}", Body=b"something else")
     code, out = migrate()
     assert code == 0, out
     output.refresh_from_db()
     assert output.file.name != taken and f"copied {output.size} bytes as {output.file.name}, row updated" in out
-    assert in_bucket(s3, bucket)[output.file.name] == output.sha256
+    assert in_bucket(s3, folder)[output.file.name] == output.sha256
     assert Asset.objects.get(output=output).file.name == output.file.name  # the output's asset names it too
     assert "1 stored under a new name" in out
     # The rerun finds it where the row says.
@@ -164,17 +163,17 @@ def test_a_bucket_that_does_not_answer_is_refused_before_anything(monkeypatch, f
 
 
 def test_prune_outputs_removes_the_files_from_the_bucket_the_hub_uses(
-    s3, bucket, alice, alice_api, workflows, settings
+    s3, folder, alice, alice_api, workflows, settings
 ):
-    settings.STORAGES = storages_setting({**s3.env, "COMFYHUB_S3_PREFIX": bucket})
+    settings.STORAGES = storages_setting({**s3.env, "COMFYHUB_S3_PREFIX": folder})
     task = finished_task(alice, workflows["fast"])
     outputs.thumbnail(task.outputs.get())
     assert upload(alice_api).status_code == 201
-    assert len(in_bucket(s3, bucket)) == 3  # the output, its thumbnail, the upload
+    assert len(in_bucket(s3, folder)) == 3  # the output, its thumbnail, the upload
     long_ago = timezone.now() - timedelta(days=40)
     Task.objects.filter(pk=task.pk).update(finished_at=long_ago)
     Upload.objects.update(created_at=long_ago)
     code, out = prune("--older-than", "30d")
     assert code == 0, out
-    assert in_bucket(s3, bucket) == {}
+    assert in_bucket(s3, folder) == {}
     assert not TaskOutput.objects.exists() and not Upload.objects.exists()
