@@ -4,7 +4,7 @@ import sys
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from tasks.storage_migration import Refused, migrate
+from tasks.storage_migration import Refused, bucket_storage, migrate
 
 
 class Command(BaseCommand):
@@ -23,8 +23,9 @@ class Command(BaseCommand):
     def handle(self, to, dry_run, **options):
         folder = os.environ.get("COMFYHUB_S3_PREFIX", "").strip("/")
         where = f"the bucket {os.environ.get('COMFYHUB_S3_BUCKET', '')!r}" + (f", folder {folder!r}" if folder else "")
-        self.stdout.write(f"From {settings.MEDIA_ROOT} to {where}:")
         try:
+            bucket_storage(os.environ)  # refused before anything is said without a bucket
+            self.stdout.write(f"From {settings.MEDIA_ROOT} to {where}:")
             report = migrate(os.environ, dry_run=dry_run, write=self.stdout.write)
         except Refused as exc:
             raise CommandError(str(exc), returncode=2) from None
