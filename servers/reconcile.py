@@ -105,7 +105,7 @@ class Reconciler:
                 elif task.accepted_at is None and task.started_at is None:
                     await self.resend(task, f"not on {self.server.name} after {reason}; sending it")
                 elif task.cancel_requested_at is not None:
-                    await db(task.mark_cancelled)("removed from the server's queue")
+                    await db(task.mark_cancelled)(f"removed from {self.server.name}'s queue")
                     prompts.forget(prompt_id)
                 else:
                     await db(task.requeue)(f"{self.server.name} lost it (found in neither queue nor history)")
