@@ -10,7 +10,7 @@ import logging
 from django.conf import settings
 
 from servers.aio import db
-from servers.comfy import ComfyRejected, ComfyUnavailable
+from servers.comfy_replies import ComfyRejected, ComfyUnavailable
 from servers.guard import plain
 from tasks import outputs
 from tasks.models import Task

@@ -11,7 +11,8 @@ import hashlib
 from django.conf import settings
 
 from servers.aio import Background, cancel_and_wait, db
-from servers.comfy import ComfyClient, ComfyError
+from servers.comfy import ComfyClient
+from servers.comfy_replies import ComfyError
 from servers.completion import Completion
 from servers.guard import step_guard
 from servers.health import Health

@@ -12,7 +12,7 @@ from datetime import timedelta
 from django.utils import timezone
 
 from servers.aio import db
-from servers.comfy import ComfyError
+from servers.comfy_replies import ComfyError
 from servers.consistency_files import Finding, check_files, check_outputs
 from servers.models import Lock, Server
 from tasks.models import Task

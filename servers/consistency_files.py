@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from servers.aio import db
-from servers.comfy import ComfyError
+from servers.comfy_replies import ComfyError
 from tasks.models import Asset, TaskOutput, Upload
 from tasks.storage import StorageUnavailable, delete_quietly, digest, save_verified
 

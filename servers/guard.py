@@ -25,7 +25,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections
 
 from servers.aio import db
-from servers.comfy import ComfyUnavailable
+from servers.comfy_replies import ComfyUnavailable
 from tasks.models import ACTIVE_STATUSES, Task, TaskEvent
 from tasks.storage import StorageUnavailable
 

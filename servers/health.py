@@ -14,7 +14,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from servers.aio import db, jittered, phase
-from servers.comfy import ComfyError, ComfyUnavailable
+from servers.comfy_replies import ComfyError, ComfyUnavailable
 from servers.dispatch import summarize_object_info
 from servers.models import Server, ServerState, StalePrompt
 from tasks.models import Task, TaskStatus

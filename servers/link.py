@@ -13,7 +13,7 @@ import logging
 import random
 import time
 
-from servers.comfy import ComfyError, ComfyUnavailable
+from servers.comfy_replies import ComfyError, ComfyUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import logging
 import time
 
 from servers.aio import db, jittered, phase
-from servers.comfy import ComfyError, speaks_jobs_api
+from servers.comfy_replies import ComfyError, speaks_jobs_api
 from tasks.models import Task, TaskStatus
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from servers.aio import db
-from servers.comfy import ComfyError
+from servers.comfy_replies import ComfyError
 from servers.guard import step_guard
 from tasks.models import Task, TaskStatus
 from tasks.templatetags.comfyhub import duration

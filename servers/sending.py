@@ -8,7 +8,7 @@ import time
 
 from servers import previews
 from servers.aio import db
-from servers.comfy import ComfyError, ComfyRejected, ComfyUnavailable, speaks_jobs_api
+from servers.comfy_replies import ComfyError, ComfyRejected, ComfyUnavailable, speaks_jobs_api
 from tasks.models import Task, TaskStatus, Upload
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,8 @@ import struct
 
 import pytest
 
-from servers.comfy import ComfyClient, ComfyUnavailable, HistoryEntry
+from servers.comfy import ComfyClient
+from servers.comfy_replies import ComfyUnavailable, HistoryEntry
 from servers.frames import Binary, parse_frame
 from servers.tracking import ProgressTracker
 

@@ -18,7 +18,8 @@ from asgiref.sync import async_to_sync
 from django.utils import timezone
 
 from servers import pool, recovery
-from servers.comfy import ComfyClient, ComfyRejected
+from servers.comfy import ComfyClient
+from servers.comfy_replies import ComfyRejected
 from servers.connection import standalone
 from servers.models import ServerEvent, ServerState
 from servers.reconcile import Reconciler
