@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 ACCESS_KEY = "comfyhub-test"
 SECRET_KEY = "comfyhub-test-secret"  # noqa: S105  (a throwaway server on the loopback)
 BUCKET = "comfyhub"
@@ -121,12 +119,6 @@ class SeaweedServer:
                     self.stop()
                     raise RuntimeError(f"SeaweedFS did not serve S3 within {timeout} s: {exc}") from exc
                 time.sleep(0.3)
-
-    def ready(self):
-        try:
-            return httpx.get(self.endpoint, timeout=2).status_code < 500
-        except httpx.HTTPError:
-            return False
 
     def tail(self, lines=20):
         try:

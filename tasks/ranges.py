@@ -62,7 +62,7 @@ def stored_response(request, name, size, content_type, filename, etag=None):
     served_type = content_type if content_type in INLINE_TYPES else DOWNLOAD_TYPE
     disposition = content_disposition_header(not inline, filename)
     seconds = settings.COMFYHUB["PRESIGNED_SECONDS"]
-    url = presigned_url(name, seconds, content_type=served_type, disposition=disposition) if seconds else None
+    url = presigned_url(name, seconds, content_type=served_type, disposition=disposition)
     if url:
         # The bucket answers the Range itself; the URL is the user's for `seconds`, so nothing may cache it.
         return _safe_headers(HttpResponseRedirect(url), disposition, "private, no-store")

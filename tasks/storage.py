@@ -58,9 +58,6 @@ class Spool:
         self.file.seek(0)
         return self.file
 
-    def read_all(self):
-        return self.rewound().read()
-
     def close(self):
         self.file.close()
 
