@@ -85,9 +85,9 @@ class StorageFull(Exception):
     code = "storage_quota_exceeded"
 
     def __init__(self, usage):
-        super().__init__(usage.describe())
-        self.usage = usage
         self.message = usage.describe()
+        super().__init__(self.message)
+        self.usage = usage
         self.details = {"used_bytes": usage.total, "quota_bytes": usage.quota}
 
 
