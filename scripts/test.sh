@@ -12,4 +12,6 @@ if [ ! -x /usr/bin/chromium ]; then
     echo "the browser tests need /usr/bin/chromium: run 'sudo apt-get install chromium' first" >&2
   fi
 fi
+# The alerting test starts Debian's prometheus; it and promtool come from one package.
+bash scripts/install-prometheus.sh || true
 exec .venv/bin/python -m pytest "$@"
